@@ -1,0 +1,148 @@
+"""A stateful wrapper around the pure rule for eager training loops."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from cabs._rule import CabsState, cabs
+from cabs._stats import GradStats
+
+__all__ = ["Controller"]
+
+_STATE_DICT_VERSION = 1
+
+
+def _to_float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"`stats.{name}` must be a 0-d array or a number, got {type(value).__name__} "
+            f"with shape {getattr(value, 'shape', '?')}. Build GradStats from scalars."
+        ) from error
+
+
+class Controller:
+    """CABS for an eager loop: holds the state, gives the batch size as an int.
+
+    The state is kept in NumPy float64 whatever library the statistics come from,
+    so the controller works the same for every backend and its ``state_dict`` is
+    plain Python numbers.
+
+    Args:
+        learning_rate: the SGD step size.
+        on_nonfinite: ``"skip"`` (default) leaves averages and batch size unchanged
+            on a step whose loss or statistics are not finite, counts it in
+            :attr:`skipped` and warns once; ``"raise"`` raises ``FloatingPointError``.
+        **options: every other keyword of :func:`cabs.cabs`.
+
+    Example:
+        >>> import cabs
+        >>> ctl = cabs.Controller(learning_rate=0.1)
+        >>> ctl.batch_size
+        16
+        >>> ctl.step(cabs.GradStats(count=4, loss=0.5, grad_sq_norm=0.0, sq_norm_sum=800.0))
+        16
+    """
+
+    def __init__(self, learning_rate: float, *, on_nonfinite: str = "skip", **options: Any) -> None:
+        if on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f"`on_nonfinite` must be 'skip' or 'raise', got on_nonfinite={on_nonfinite!r}.")
+        self._rule = cabs(learning_rate, **options)
+        self._config = {"learning_rate": float(learning_rate), "on_nonfinite": on_nonfinite, **options}
+        self._on_nonfinite = on_nonfinite
+        self._state: CabsState = self._rule.init(np.asarray(0.0, dtype=np.float64))
+        self._warned = False
+        self.xi: float = math.nan
+        """The variance trace ``xi`` of the last step (NaN before the first)."""
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size for the next step."""
+        return int(self._state.batch_size)
+
+    @property
+    def state(self) -> CabsState:
+        """The rule's state (0-d NumPy arrays)."""
+        return self._state
+
+    @property
+    def skipped(self) -> int:
+        """How many steps had non-finite statistics and were skipped."""
+        return int(self._state.skipped)
+
+    @property
+    def steps(self) -> int:
+        """How many steps the controller has seen."""
+        return int(self._state.step)
+
+    def step(self, stats: GradStats) -> int:
+        """Feed one batch's statistics; return the next batch size."""
+        if not isinstance(stats, GradStats):
+            raise TypeError(
+                f"`stats` must be a cabs.GradStats, got {type(stats).__name__}. Get one from a "
+                f"backend's grad_stats(...) or build cabs.GradStats(count=, loss=, grad_sq_norm=, sq_norm_sum=)."
+            )
+        values = GradStats(*(np.asarray(_to_float(name, v), dtype=np.float64) for name, v in zip(GradStats._fields, stats)))
+        xi = float(values.variance_trace(ddof=self._config.get("ddof", 0)))
+        self.xi = xi
+        if not (math.isfinite(xi) and math.isfinite(float(values.loss))):
+            if self._on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"non-finite CABS statistics: loss={float(values.loss)!r}, xi={xi!r} "
+                    f"(count={float(values.count)!r}). Check the loss for overflow, or pass "
+                    f"on_nonfinite='skip' to leave such steps out of the averages."
+                )
+            if not self._warned:
+                warnings.warn(
+                    f"skipping a step with non-finite CABS statistics (loss={float(values.loss)!r}, "
+                    f"xi={xi!r}); the averages and batch size stay unchanged. Further skips are "
+                    f"counted in Controller.skipped without a warning.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned = True
+        _, self._state = self._rule.update(values, self._state)
+        return self.batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's configuration and state as plain Python values."""
+        state = {
+            "step": int(self._state.step),
+            "skipped": int(self._state.skipped),
+            "xi_avg": float(self._state.xi_avg),
+            "loss_avg": float(self._state.loss_avg),
+            "batch_size": int(self._state.batch_size),
+        }
+        return {"version": _STATE_DICT_VERSION, "config": dict(self._config), "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict``; refuses one from a different configuration."""
+        if not isinstance(state_dict, dict) or not {"version", "config", "state"} <= set(state_dict):
+            raise ValueError(
+                "`state_dict` must be a dict from Controller.state_dict() with keys "
+                f"'version', 'config', 'state', got {type(state_dict).__name__} "
+                f"with keys {sorted(state_dict) if isinstance(state_dict, dict) else '-'}."
+            )
+        if state_dict["version"] != _STATE_DICT_VERSION:
+            raise ValueError(f"unsupported controller state_dict version {state_dict['version']!r}; this cabs writes version {_STATE_DICT_VERSION}.")
+        differ = {
+            key: (state_dict["config"].get(key), self._config.get(key))
+            for key in set(state_dict["config"]) | set(self._config)
+            if state_dict["config"].get(key) != self._config.get(key)
+        }
+        if differ:
+            text = ", ".join(f"{key}: saved {saved!r}, here {here!r}" for key, (saved, here) in sorted(differ.items()))
+            raise ValueError(f"the saved controller has a different configuration ({text}). Create the Controller with the saved options.")
+        saved = state_dict["state"]
+        self._state = CabsState(
+            step=np.asarray(saved["step"], dtype=np.int32),
+            skipped=np.asarray(saved["skipped"], dtype=np.int32),
+            xi_avg=np.asarray(saved["xi_avg"], dtype=np.float64),
+            loss_avg=np.asarray(saved["loss_avg"], dtype=np.float64),
+            batch_size=np.asarray(saved["batch_size"], dtype=np.int32),
+        )
