@@ -197,11 +197,13 @@ def cabs(
         step = state.step + 1
         skipped = state.skipped + 1 - xp.astype(finite, xp.int32)
         if debias:
-            accepted = xp.astype(step - skipped, dtype)
-            correction = 1.0 - smoothing**accepted
-            safe = xp.where(correction > 0, correction, xp.full_like(correction, 1.0))
+            # Remove the weight mu^t still on the start values (0 for xi, 1 for the loss).
+            start_weight = smoothing ** xp.astype(step - skipped, dtype)
+            correction = 1.0 - start_weight
+            started = correction > 0
+            safe = xp.where(started, correction, xp.full_like(correction, 1.0))
             xi_hat = xi_avg / safe
-            loss_hat = xp.where(correction > 0, loss_avg / safe, loss_avg)
+            loss_hat = xp.where(started, (loss_avg - start_weight) / safe, loss_avg)
         else:
             xi_hat, loss_hat = xi_avg, loss_avg
         if loss_floor > 0:
