@@ -64,7 +64,9 @@ def load(name: str) -> Any:
     eps = _entry_point_backends()
     if name in eps:
         return eps[name].load()
-    raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_names())}. Register a third-party one with cabs.backends.register(name, module).")
+    raise ValueError(
+        f"unknown backend {name!r}; known backends: {', '.join(_names())}. Register a third-party one with cabs.backends.register(name, module)."
+    )
 
 
 def available() -> list[str]:

@@ -59,7 +59,9 @@ class GradStats(NamedTuple):
             treats as a step without statistics.
         """
         if ddof not in (0, 1) or isinstance(ddof, bool):
-            raise ValueError(f"`ddof` must be 0 or 1, got ddof={ddof!r}. Use 0 for the reference code's estimate, 1 for the unbiased one.")
+            raise ValueError(
+                f"`ddof` must be 0 or 1, got ddof={ddof!r}. Use 0 for the reference code's estimate, 1 for the unbiased one."
+            )
         xp = array_namespace(self.sq_norm_sum)
         dtype = self.sq_norm_sum.dtype
         count = xp.asarray(self.count, dtype=dtype)

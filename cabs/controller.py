@@ -87,7 +87,12 @@ class Controller:
                 f"`stats` must be a cabs.GradStats, got {type(stats).__name__}. Get one from a "
                 f"backend's grad_stats(...) or build cabs.GradStats(count=, loss=, grad_sq_norm=, sq_norm_sum=)."
             )
-        values = GradStats(*(np.asarray(_to_float(name, v), dtype=np.float64) for name, v in zip(GradStats._fields, stats)))
+        values = GradStats(
+            *(
+                np.asarray(_to_float(name, v), dtype=np.float64)
+                for name, v in zip(GradStats._fields, stats, strict=True)
+            )
+        )
         xi = float(values.variance_trace(ddof=self._config.get("ddof", 0)))
         self.xi = xi
         if not (math.isfinite(xi) and math.isfinite(float(values.loss))):
@@ -129,7 +134,9 @@ class Controller:
                 f"with keys {sorted(state_dict) if isinstance(state_dict, dict) else '-'}."
             )
         if state_dict["version"] != _STATE_DICT_VERSION:
-            raise ValueError(f"unsupported controller state_dict version {state_dict['version']!r}; this cabs writes version {_STATE_DICT_VERSION}.")
+            raise ValueError(
+                f"unsupported controller state_dict version {state_dict['version']!r}; this cabs writes version {_STATE_DICT_VERSION}."
+            )
         differ = {
             key: (state_dict["config"].get(key), self._config.get(key))
             for key in set(state_dict["config"]) | set(self._config)
@@ -137,7 +144,9 @@ class Controller:
         }
         if differ:
             text = ", ".join(f"{key}: saved {saved!r}, here {here!r}" for key, (saved, here) in sorted(differ.items()))
-            raise ValueError(f"the saved controller has a different configuration ({text}). Create the Controller with the saved options.")
+            raise ValueError(
+                f"the saved controller has a different configuration ({text}). Create the Controller with the saved options."
+            )
         saved = state_dict["state"]
         self._state = CabsState(
             step=np.asarray(saved["step"], dtype=np.int32),
