@@ -192,6 +192,19 @@ def test_chunking_does_not_change_the_result(chunk_size):
         torch.testing.assert_close(value.grad, expected, rtol=1e-12, atol=1e-15)
 
 
+def test_default_chunk_keeps_per_example_gradients_under_the_budget(monkeypatch):
+    model, inputs, targets = make_problem("mlp", count=10)
+    parameter_bytes = sum(value.numel() * value.element_size() for value in model.parameters())
+    whole = cabs_torch.grad_stats(model, CROSS_ENTROPY, inputs, targets, chunk_size=10)
+    monkeypatch.setattr(cabs_torch, "DEFAULT_MEMORY_BUDGET_BYTES", 3 * parameter_bytes)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    chunked = cabs_torch.grad_stats(model, CROSS_ENTROPY, inputs, targets)
+    assert len(calls) == 4  # chunks of 3, 3, 3, 1 examples, one vmapped forward each
+    for field in cabs.GradStats._fields:
+        np.testing.assert_allclose(float(getattr(chunked, field)), float(getattr(whole, field)), rtol=1e-12)
+
+
 def test_low_precision_parameters_accumulate_in_float32():
     model64, inputs64, targets = make_problem("mlp", dtype=torch.float64)
     model16, inputs16, _ = make_problem("mlp", dtype=torch.bfloat16)
