@@ -11,7 +11,7 @@ FRAMEWORKS = ("torch", "jax", "jaxlib", "tensorflow", "keras")
 
 
 @pytest.mark.parametrize("module", ["cabs", "cabs.backends", "cabs.data", "cabs.datasets", "cabs.cli"])
-def test_importing_leaves_frameworks_out(module):
+def test_importing_leaves_frameworks_out(module, tmp_path):
     code = (
         "import importlib, sys\n"
         f"importlib.import_module({module!r})\n"
@@ -19,7 +19,7 @@ def test_importing_leaves_frameworks_out(module):
         "cabs.backends.available()\n"
         f"print(sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
