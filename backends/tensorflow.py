@@ -276,7 +276,9 @@ class StatsFunction:
             count=sums.count, loss=sums.loss_sum / sums.count, grad_sq_norm=grad_sq_norm, sq_norm_sum=sums.sq_norm_sum
         )
         variables = self.model.trainable_variables
-        gradients = [tf.cast(gradient, variable.dtype) for gradient, variable in zip(mean_gradients, variables)]
+        gradients = [
+            tf.cast(gradient, variable.dtype) for gradient, variable in zip(mean_gradients, variables, strict=True)
+        ]
         return stats, gradients
 
     def _check_batch(self, inputs: Any, targets: Any) -> None:
@@ -347,7 +349,7 @@ class StatsFunction:
             # A source the loss does not reach (a kernel seen only through Conv2D) gets zeros.
             gradients = [
                 tf.zeros(source.shape, source.dtype) if gradient is None else tf.convert_to_tensor(gradient)
-                for gradient, source in zip(gradients, sources)
+                for gradient, source in zip(gradients, sources, strict=True)
             ]
             count = len(variables)
             conv_gradients = [gradient[0] for gradient in gradients[count:]]
@@ -358,8 +360,10 @@ class StatsFunction:
         )
         gradients = [tf.cast(gradient, dtype) for gradient in gradients]
         positions = {id(variable): index for index, variable in enumerate(variables)}
-        for layer, layer_inputs, output_gradients in zip(conv_layers, conv_inputs, conv_output_gradients):
-            index = positions[id(layer.kernel)]
+        for layer, layer_inputs, output_gradients in zip(conv_layers, conv_inputs, conv_output_gradients, strict=True):
+            index = positions.get(id(layer.kernel))
+            if index is None:  # a frozen kernel: its gradient is not wanted
+                continue
             gradients[index] += _conv_kernel_gradients(layer, layer_inputs, output_gradients, dtype)
         count = tf.cast(tf.shape(losses)[0], dtype)
         sq_norm_sum = tf.add_n([tf.reduce_sum(tf.square(gradient)) for gradient in gradients])
