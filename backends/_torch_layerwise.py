@@ -465,6 +465,10 @@ def _chunks(inputs: tuple, targets: tuple, max_examples_per_pass: int | None) ->
         )
 
 
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def _check_options(method: str, max_examples_per_pass: int | None) -> None:
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got method={method!r}.")
@@ -489,6 +493,7 @@ def _accumulated_passes(
     with_norms: bool,
 ) -> tuple[int, torch.Tensor, dict[str, list[torch.Tensor]]]:
     """Run the passes; leave the summed gradient (in the accumulation dtype) in ``.grad``."""
+    inputs, targets = _as_tuple(inputs), _as_tuple(targets)
     trainable = _trainable(model)
     accumulate_dtype = _accumulate_dtype(trainable.values())
     # Parameters narrower than the accumulation dtype have their chunk gradients summed in a wider copy.
@@ -527,7 +532,7 @@ def per_example_sq_norms(
     """Per-example squared gradient norms ``||g_i(theta)||^2`` of every trainable parameter ``theta``.
 
     Args:
-        model, loss_fn, inputs, targets: as for :func:`layerwise_grad_stats` (inputs and targets as tuples).
+        model, loss_fn, inputs, targets: as for :func:`layerwise_grad_stats`.
         method: ``"auto"`` or ``"layerwise"``.
         max_examples_per_pass: as for :func:`layerwise_grad_stats`.
 
@@ -553,8 +558,8 @@ def layerwise_grad_stats(
     Args:
         model: the network (validated by the caller).
         loss_fn: ``loss_fn(outputs, targets)`` returning per-example losses [m].
-        inputs: tuple of input tensors, batch on dim 0.
-        targets: tuple of target tensors, batch on dim 0.
+        inputs: the model's input, a tensor or a tuple of tensors (positional arguments), batch on dim 0.
+        targets: a tensor or a tuple of tensors, batch on dim 0.
         method: ``"auto"`` (layer rules where they apply, vmap for the rest) or ``"layerwise"`` (a
             ``ValueError`` when a parameter has no layer rule).
         max_examples_per_pass: split the batch into passes of at most this many examples; counts, loss sums,

@@ -1,0 +1,314 @@
+"""Layer-wise per-example gradient norms (PyTorch) against one ordinary backward per example, in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cabs.backends import _torch_layerwise as layerwise  # noqa: E402
+
+nn = torch.nn
+CROSS_ENTROPY = nn.CrossEntropyLoss(reduction="none")
+RTOL = 1e-9
+
+
+def loop_norms(model, loss_fn, inputs, targets):
+    """Per-example squared norms of each parameter's gradient, one backward per example, NumPy float64."""
+    names = [key for key, value in model.named_parameters() if value.requires_grad]
+    norms = {key: [] for key in names}
+    for index in range(targets.shape[0]):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(*(tensor[index : index + 1] for tensor in inputs)), targets[index : index + 1]).sum().backward()
+        for key, value in model.named_parameters():
+            if key in norms:
+                grad = np.zeros(1) if value.grad is None else value.grad.detach().double().numpy()
+                norms[key].append(float(np.sum(grad * grad)))
+    return {key: np.asarray(value) for key, value in norms.items()}
+
+
+def loop_stats(model, loss_fn, inputs, targets):
+    """GradStats fields and mean gradients from one backward per example, NumPy float64."""
+    parameters = [value for value in model.parameters() if value.requires_grad]
+    losses, flats, grads = [], [], []
+    for index in range(targets.shape[0]):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(*(tensor[index : index + 1] for tensor in inputs)), targets[index : index + 1]).sum()
+        loss.backward()
+        losses.append(float(loss.detach()))
+        example = [
+            np.zeros(tuple(value.shape)) if value.grad is None else value.grad.double().numpy() for value in parameters
+        ]
+        grads.append(example)
+        flats.append(np.concatenate([grad.ravel() for grad in example]))
+    flat = np.stack(flats)
+    mean_flat = flat.mean(axis=0)
+    return {
+        "loss": float(np.mean(losses)),
+        "grad_sq_norm": float(mean_flat @ mean_flat),
+        "sq_norm_sum": float(np.sum(flat * flat)),
+        "mean_grads": [np.mean([example[k] for example in grads], axis=0) for k in range(len(parameters))],
+    }
+
+
+# Models: each exercises one layer kind (and its options) ----------------------------------------
+
+
+class Sequence(nn.Module):
+    """Embedding with repeated ids and a padding id, a Linear on [batch, time, features], LayerNorm."""
+
+    def __init__(self, time_features=6, hidden=5):
+        super().__init__()
+        self.embedding = nn.Embedding(7, time_features, padding_idx=0)
+        self.dense = nn.Linear(time_features, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, token_ids):
+        hidden = self.norm(torch.tanh(self.dense(self.embedding(token_ids))))
+        return self.head(hidden.mean(1))
+
+
+class Scale(nn.Module):
+    """A custom layer with its own parameter: no layer rule, so it takes the vmap path."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, size))
+
+    def forward(self, inputs):
+        return inputs * self.scale
+
+
+class LinearTwice(nn.Module):
+    """One Linear called twice: its calls have cross terms."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, inputs):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(inputs)))))
+
+
+class TiedEmbedding(nn.Module):
+    """The embedding matrix reused as the output projection (functionally, outside its module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(5, 4)
+        self.dense = nn.Linear(4, 4)
+
+    def forward(self, token_ids):
+        hidden = torch.tanh(self.dense(self.embedding(token_ids).mean(1)))
+        return nn.functional.linear(hidden, self.embedding.weight)
+
+
+def shared_module_model():
+    """The same Linear registered twice in a Sequential: one parameter under two names."""
+    shared = nn.Linear(4, 4)
+    return nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 3))
+
+
+def rms_norm_model():
+    if not hasattr(nn, "RMSNorm"):
+        pytest.skip("this torch has no nn.RMSNorm")
+    return nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6), nn.Linear(6, 3))
+
+
+def random_ids(count, time, vocabulary):
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocabulary, (count, time), generator=generator)
+    ids[:, 1] = ids[:, 0]  # every example repeats an id
+    ids[0, 2] = 0  # and one holds the padding id
+    return ids
+
+
+def float_inputs(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+CASES = {
+    "linear_2d": (lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)), (6, 5)),
+    # T=3 with p, q >= 6: the Gram form is cheaper; T=20 with p=2, q=2: the explicit form is.
+    "linear_3d_gram": (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Flatten(), nn.Linear(24, 3)), (6, 3, 6)),
+    "linear_3d_explicit": (
+        lambda: nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(40, 3)),
+        (5, 4, 5, 2),
+    ),
+    "conv1d": (
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 4, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Conv1d(4, 4, 3, padding="same", dilation=2, groups=2, padding_mode="circular"),
+            nn.Flatten(),
+            nn.Linear(20, 3),
+        ),
+        (6, 2, 9),
+    ),
+    "conv2d": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 6, (3, 2), padding=(2, 1), dilation=(2, 1), groups=2, padding_mode="reflect"),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(24, 3),
+        ),
+        (6, 2, 7, 7),
+    ),
+    "group_norm": (
+        lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(36, 3)),
+        (6, 2, 5, 5),
+    ),
+    "layer_norm_2d": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.LayerNorm([3, 3, 3]), nn.Flatten(), nn.Linear(27, 3)),
+        (6, 2, 5, 5),
+    ),
+    "rms_norm": (rms_norm_model, (6, 4)),
+    "fallback_custom": (lambda: nn.Sequential(nn.Linear(4, 5), Scale(5), nn.PReLU(), nn.Linear(5, 3)), (6, 4)),
+    "module_called_twice": (LinearTwice, (6, 4)),
+    "shared_module": (shared_module_model, (6, 4)),
+}
+
+
+def build(case):
+    make_model, shape = CASES[case]
+    torch.manual_seed(0)
+    return make_model().double(), (float_inputs(*shape),), torch.arange(shape[0]) % 3
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_per_example_norms_equal_the_loop(case):
+    model, inputs, targets = build(case)
+    expected = loop_norms(model, CROSS_ENTROPY, inputs, targets)
+    norms = layerwise.per_example_sq_norms(model, CROSS_ENTROPY, inputs, targets)
+    assert sorted(norms) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(norms[key].numpy(), value, rtol=RTOL, err_msg=key)
+
+
+@pytest.mark.parametrize("model_class", [Sequence, TiedEmbedding])
+def test_embedding_norms_equal_the_loop(model_class):
+    torch.manual_seed(0)
+    model = model_class().double()
+    vocabulary = model.embedding.num_embeddings
+    inputs, targets = (random_ids(6, 5, vocabulary),), torch.arange(6) % 3
+    expected = loop_norms(model, CROSS_ENTROPY, inputs, targets)
+    norms = layerwise.per_example_sq_norms(model, CROSS_ENTROPY, inputs, targets)
+    for key, value in expected.items():
+        np.testing.assert_allclose(norms[key].numpy(), value, rtol=RTOL, err_msg=key)
+
+
+def test_both_forms_of_the_outer_product_agree_with_an_explicit_sum():
+    generator = torch.Generator().manual_seed(5)
+    for steps, inputs_size, outputs_size in [(3, 8, 9), (12, 2, 3), (1, 4, 4)]:
+        activations = torch.randn(4, steps, inputs_size, dtype=torch.float64, generator=generator)
+        output_grads = torch.randn(4, steps, outputs_size, dtype=torch.float64, generator=generator)
+        expected = [float(np.sum((activations[i].numpy().T @ output_grads[i].numpy()) ** 2)) for i in range(4)]
+        actual = layerwise._outer_product_sq_norms(activations, output_grads)
+        np.testing.assert_allclose(actual.numpy(), expected, rtol=RTOL)
+
+
+def test_plan_names_the_method_of_each_parameter():
+    model, inputs, _ = build("fallback_custom")
+    assert layerwise.plan(model) == {
+        "0.weight": "layerwise",
+        "0.bias": "layerwise",
+        "1.scale": "vmap",
+        "2.weight": "vmap",
+        "3.weight": "layerwise",
+        "3.bias": "layerwise",
+    }
+    twice, twice_inputs, _ = build("module_called_twice")
+    # Structure alone cannot see the second call; a forward can.
+    assert layerwise.plan(twice)["inner.weight"] == "layerwise"
+    found = layerwise.plan(twice, twice_inputs)
+    assert found["inner.weight"] == found["inner.bias"] == "vmap"
+    assert found["head.weight"] == "layerwise"
+    shared, _, _ = build("shared_module")
+    assert layerwise.plan(shared)["0.weight"] == "vmap"
+
+
+def test_tied_weight_used_outside_its_module_takes_the_vmap_path():
+    model = TiedEmbedding().double()
+    found = layerwise.plan(model, random_ids(2, 5, 5))
+    assert found["embedding.weight"] == "vmap"
+    assert found["dense.weight"] == "layerwise"
+
+
+@pytest.mark.parametrize("case", ["conv2d", "fallback_custom", "module_called_twice"])
+def test_grad_stats_and_mean_gradient_equal_the_loop(case):
+    model, inputs, targets = build(case)
+    expected = loop_stats(model, CROSS_ENTROPY, inputs, targets)
+    stats = layerwise.layerwise_grad_stats(model, CROSS_ENTROPY, inputs, targets)
+    assert int(stats.count) == targets.shape[0]
+    assert stats.sq_norm_sum.dtype == torch.float64
+    np.testing.assert_allclose(float(stats.loss), expected["loss"], rtol=RTOL)
+    np.testing.assert_allclose(float(stats.grad_sq_norm), expected["grad_sq_norm"], rtol=RTOL)
+    np.testing.assert_allclose(float(stats.sq_norm_sum), expected["sq_norm_sum"], rtol=RTOL)
+    parameters = [value for value in model.parameters() if value.requires_grad]
+    for parameter, mean in zip(parameters, expected["mean_grads"], strict=True):
+        np.testing.assert_allclose(parameter.grad.numpy(), mean, rtol=RTOL, atol=RTOL * np.abs(mean).max())
+
+
+@pytest.mark.parametrize("case", ["conv2d", "fallback_custom", "linear_3d_gram"])
+@pytest.mark.parametrize("max_examples_per_pass", [1, 4])
+def test_micro_batches_give_the_whole_batch_statistics(case, max_examples_per_pass):
+    model, inputs, targets = build(case)
+    whole = layerwise.layerwise_grad_stats(model, CROSS_ENTROPY, inputs, targets)
+    whole_grads = [value.grad.clone() for value in model.parameters()]
+    split = layerwise.layerwise_grad_stats(
+        model, CROSS_ENTROPY, inputs, targets, max_examples_per_pass=max_examples_per_pass
+    )
+    assert int(split.count) == int(whole.count)
+    for field in ("loss", "grad_sq_norm", "sq_norm_sum"):
+        np.testing.assert_allclose(float(getattr(split, field)), float(getattr(whole, field)), rtol=1e-12)
+    for parameter, expected in zip(model.parameters(), whole_grads, strict=True):
+        np.testing.assert_allclose(parameter.grad.numpy(), expected.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_mean_grad_leaves_the_plain_mean_gradient_and_returns_the_mean_loss():
+    model, inputs, targets = build("conv2d")
+    expected = loop_stats(model, CROSS_ENTROPY, inputs, targets)
+    loss = layerwise.mean_grad(model, CROSS_ENTROPY, inputs, targets, max_examples_per_pass=4)
+    np.testing.assert_allclose(float(loss), expected["loss"], rtol=RTOL)
+    for parameter, mean in zip(model.parameters(), expected["mean_grads"], strict=True):
+        np.testing.assert_allclose(parameter.grad.numpy(), mean, rtol=RTOL, atol=RTOL * np.abs(mean).max())
+
+
+def test_float32_model_accumulates_in_float32_close_to_float64():
+    model, inputs, targets = build("conv2d")
+    expected = layerwise.layerwise_grad_stats(model, CROSS_ENTROPY, inputs, targets)
+    model = model.float()
+    stats = layerwise.layerwise_grad_stats(model, CROSS_ENTROPY, (inputs[0].float(),), targets)
+    assert stats.sq_norm_sum.dtype == torch.float32
+    np.testing.assert_allclose(float(stats.sq_norm_sum), float(expected.sq_norm_sum), rtol=1e-4)
+
+
+def test_strict_layerwise_refuses_parameters_without_a_rule():
+    model, inputs, targets = build("fallback_custom")
+    with pytest.raises(ValueError, match=r"method.*1\.scale"):
+        layerwise.layerwise_grad_stats(model, CROSS_ENTROPY, inputs, targets, method="layerwise")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"method": "fast"}, "`method` must be one of"),
+        ({"max_examples_per_pass": 0}, "`max_examples_per_pass` must be a positive integer"),
+        ({"max_examples_per_pass": 2.0}, "`max_examples_per_pass` must be a positive integer"),
+    ],
+)
+def test_bad_options_are_refused(options, message):
+    model, inputs, targets = build("linear_2d")
+    with pytest.raises(ValueError, match=message):
+        layerwise.layerwise_grad_stats(model, CROSS_ENTROPY, inputs, targets, **options)
+
+
+def test_a_loss_that_is_not_per_example_is_refused():
+    model, inputs, targets = build("linear_2d")
+    with pytest.raises(ValueError, match="`loss_fn` must return per-example losses"):
+        layerwise.layerwise_grad_stats(model, nn.CrossEntropyLoss(), inputs, targets)
