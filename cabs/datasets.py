@@ -113,7 +113,7 @@ def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
         return  # the cache is an optimisation; an unwritable folder only costs regeneration
     try:
         with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
+            np.savez(file, **arrays)  # type: ignore[arg-type]  # numpy stubs read ** as allow_pickle
         os.replace(temporary, path)
     except OSError:
         Path(temporary).unlink(missing_ok=True)
@@ -123,7 +123,9 @@ def _generate_mnist1d(seed: int) -> dict[str, np.ndarray]:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as error:
-        raise DatasetError(f"data set 'mnist1d' needs the mnist1d package ({error}); pip install 'cabs[cli]'") from error
+        raise DatasetError(
+            f"data set 'mnist1d' needs the mnist1d package ({error}); pip install 'cabs[cli]'"
+        ) from error
 
     args = get_dataset_args()
     args.seed = seed
