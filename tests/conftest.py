@@ -14,6 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_HOME", os.path.join(tempfile.gettempdir(), "cabs-test-keras"))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_ENABLE_X64", "1")
+# Data-set caches of the tests go to a temporary folder, never the user's ~/.cache.
+os.environ.setdefault("CABS_CACHE", tempfile.mkdtemp(prefix="cabs-test-cache-"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
