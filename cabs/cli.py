@@ -1,0 +1,214 @@
+"""The ``cabs`` command line: ``cabs train`` and ``cabs backends``.
+
+User errors (bad options, a missing or damaged data file, a framework that is not
+installed) end with one line ``cabs: error: ...`` on stderr and exit status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _add_train_parser(commands: Any) -> None:
+    from cabs.training.loop import BACKENDS, DEFAULT_STEPS, TrainConfig
+    from cabs.training.models import MODELS
+
+    defaults = TrainConfig()
+    train = commands.add_parser(
+        "train",
+        help="train a small network with CABS",
+        description="Train a small network with CABS (SGD with a coupled adaptive batch size) and write "
+        "metrics.jsonl, summary.json and training.png into --out. Without options: an MLP on the embedded "
+        "MNIST-1D data set with PyTorch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument(
+        "--backend", choices=BACKENDS, default=defaults.backend, help="framework that computes the gradients"
+    )
+    train.add_argument(
+        "--dataset",
+        default=defaults.dataset,
+        help="mnist1d (embedded, offline), digits (scikit-learn), or mnist, fashion-mnist, cifar10 from --data-dir",
+    )
+    train.add_argument("--data-dir", default=None, help="folder holding the data set's standard files")
+    train.add_argument(
+        "--model", choices=MODELS, default=defaults.model, help="mlp, or cnn (1-D for mnist1d, 2-D for images)"
+    )
+    train.add_argument("--lr", type=_positive_float, default=defaults.learning_rate, help="constant SGD learning rate")
+    train.add_argument("--min-batch-size", type=_positive_int, default=defaults.min_batch_size)
+    train.add_argument("--max-batch-size", type=_positive_int, default=defaults.max_batch_size)
+    train.add_argument(
+        "--initial-batch-size", type=_positive_int, default=None, help="first batch size (default: the minimum)"
+    )
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=_positive_int, default=None, help=f"training steps (default {DEFAULT_STEPS})")
+    budget.add_argument(
+        "--epochs", type=_positive_int, default=None, help="passes over the training set, instead of --steps"
+    )
+    train.add_argument(
+        "--seed", type=_non_negative_int, default=defaults.seed, help="fixes weights, data order and generated data"
+    )
+    train.add_argument("--out", default=defaults.out, help="output folder (created; files in it are replaced)")
+    train.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=None,
+        help="test-set evaluation interval in steps (default: 20 per run)",
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+    train.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    train.set_defaults(handler=_run_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``cabs`` command."""
+    parser = argparse.ArgumentParser(prog="cabs", description="CABS: SGD with a coupled adaptive batch size.")
+    parser.add_argument("--version", action="version", version=f"cabs {_version('cabs')}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_parser(commands)
+    backends = commands.add_parser(
+        "backends",
+        help="list the installed backends, their versions and devices",
+        description="List the installed backends with their framework version and devices (imports each framework).",
+    )
+    backends.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    backends.set_defaults(handler=_run_backends)
+    return parser
+
+
+def _run_train(arguments: argparse.Namespace) -> int:
+    from cabs.training.loop import TrainConfig, summary_table, train
+
+    config = TrainConfig(
+        backend=arguments.backend,
+        dataset=arguments.dataset,
+        data_dir=arguments.data_dir,
+        model=arguments.model,
+        learning_rate=arguments.lr,
+        min_batch_size=arguments.min_batch_size,
+        max_batch_size=arguments.max_batch_size,
+        initial_batch_size=arguments.initial_batch_size,
+        steps=arguments.steps,
+        epochs=arguments.epochs,
+        seed=arguments.seed,
+        out=arguments.out,
+        eval_every=arguments.eval_every,
+    )
+    log = None if arguments.quiet else (lambda text: print(text, file=sys.stderr))
+    summary = train(config, progress=not arguments.quiet, log=log)
+    if not arguments.quiet:
+        print(summary_table(summary, config.out))
+    return 0
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# Backend name -> the distributions that may provide its framework, first found wins.
+_DISTRIBUTIONS = {
+    "numpy": ("numpy",),
+    "torch": ("torch",),
+    "jax": ("jax",),
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos"),
+}
+
+
+def _framework_version(name: str, backend: Any) -> str:
+    for distribution in _DISTRIBUTIONS.get(name, ()):
+        version = _version(distribution)
+        if version != "unknown":
+            return version
+    return str(getattr(backend, "__version__", "unknown"))
+
+
+def _run_backends(arguments: argparse.Namespace) -> int:
+    from cabs import backends
+
+    rows = []
+    for name in backends.available():
+        try:
+            backend = backends.load(name)
+            devices = ", ".join(backend.devices())
+            version = _framework_version(name, backend)
+        except (ImportError, AttributeError) as error:
+            if arguments.debug:
+                raise
+            version, devices = _framework_version(name, None), f"unavailable: {_one_line(error)}"
+        rows.append((name, version, devices))
+    width_name = max(len("backend"), *(len(row[0]) for row in rows))
+    width_version = max(len("version"), *(len(row[1]) for row in rows))
+    print(f"{'backend':<{width_name}}  {'version':<{width_version}}  devices")
+    for name, version, devices in rows:
+        print(f"{name:<{width_name}}  {version:<{width_version}}  {devices}")
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cabs`` command; returns the exit status.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    try:
+        return arguments.handler(arguments)
+    except KeyboardInterrupt:
+        print("cabs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        # User errors: bad settings, missing or damaged files, a framework that is not installed.
+        # DatasetError is a ValueError. --debug shows where it came from.
+        if arguments.debug:
+            raise
+        parser.exit(EXIT_USAGE, f"cabs: error: {_one_line(error)}\n")
+    return 0

@@ -1,0 +1,290 @@
+"""The framework-free training driver behind ``cabs train``.
+
+One loop serves every backend: it loads the data set, draws the initial weights
+with NumPy, asks the chosen framework's *task* for a CABS step on each batch the
+sampler draws (the sampler reads its batch size from the controller), writes
+``metrics.jsonl``, evaluates on a schedule, and ends with ``summary.json`` and
+``training.png``.
+
+A task is the only framework-specific piece. It is built by
+``cabs.training.<backend>`` from ``(architecture, parameters, x_train, y_train,
+learning_rate)`` and offers:
+
+- ``step(indices) -> (GradStats, loss)``: one SGD step on those training examples;
+- ``evaluate(x, y) -> (loss, accuracy)``: mean cross-entropy and accuracy;
+- ``summary_extras() -> dict``: backend-specific entries for ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cabs._stats import GradStats
+from cabs.controller import Controller
+from cabs.data import BatchSampler
+from cabs.training import models
+
+__all__ = ["BACKENDS", "DEFAULT_STEPS", "Task", "TrainConfig", "make_task", "train"]
+
+BACKENDS = ("torch", "jax", "tensorflow")
+# Task classes by backend; each module imports its framework, so it is imported only when chosen.
+_TASKS = {"torch": "TorchTask", "jax": "JaxTask", "tensorflow": "TensorFlowTask"}
+DEFAULT_STEPS = 600
+DEFAULT_EVALUATIONS = 20
+
+
+class Task(Protocol):
+    """What the loop needs from a framework: one training step and an evaluation."""
+
+    backend: str
+
+    def step(self, indices: np.ndarray) -> tuple[GradStats, float]: ...
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]: ...
+
+    def summary_extras(self) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one ``cabs train`` run (the command-line options, spelled out).
+
+    Attributes:
+        backend: ``"torch"``, ``"jax"`` or ``"tensorflow"``.
+        dataset: a name known to :func:`cabs.datasets.load`.
+        data_dir: folder with the data set's standard files (not needed for the default).
+        model: ``"mlp"`` or ``"cnn"``.
+        learning_rate: the constant SGD step size.
+        min_batch_size, max_batch_size, initial_batch_size: the controller's bounds and first size.
+        steps: how many steps to train (exclusive with ``epochs``; both None means :data:`DEFAULT_STEPS`).
+        epochs: how many passes over the training set to train.
+        seed: fixes the initial weights, the data order and the generated data set.
+        out: folder for the output files (created).
+        eval_every: evaluate on the test set every this many steps (None: about 20 times per run).
+    """
+
+    backend: str = "torch"
+    dataset: str = "mnist1d"
+    data_dir: str | None = None
+    model: str = "mlp"
+    learning_rate: float = 0.1
+    min_batch_size: int = 16
+    max_batch_size: int = 2048
+    initial_batch_size: int | None = None
+    steps: int | None = None
+    epochs: int | None = None
+    seed: int = 0
+    out: str = "cabs-run"
+    eval_every: int | None = None
+
+    def validate(self) -> None:
+        """Check the settings that no library call checks; raise ValueError naming the bad one."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)}, got backend={self.backend!r}.")
+        if self.model not in models.MODELS:
+            raise ValueError(f"`model` must be one of {', '.join(models.MODELS)}, got model={self.model!r}.")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"give `steps` or `epochs`, not both, got steps={self.steps}, epochs={self.epochs}.")
+        for name in ("steps", "epochs", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {name}={value}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"`learning_rate` must be a finite number > 0, got learning_rate={self.learning_rate}.")
+
+
+def make_task(config: TrainConfig, dataset: Any) -> tuple[Task, models.Architecture]:
+    """Build the chosen backend's task with the NumPy initial weights for ``config.seed``."""
+    architecture = models.architecture(config.model, dataset.input_shape, dataset.num_classes)
+    parameters = models.initial_parameters(architecture, config.seed)
+    module = importlib.import_module(f"cabs.training.{config.backend}")
+    x_train = _shaped(dataset.x_train, architecture)
+    task = getattr(module, _TASKS[config.backend])(
+        architecture, parameters, x_train, dataset.y_train, config.learning_rate
+    )
+    return task, architecture
+
+
+def _shaped(x: np.ndarray, architecture: models.Architecture) -> np.ndarray:
+    return np.ascontiguousarray(np.reshape(x, (len(x), *architecture.input_shape)), dtype=np.float32)
+
+
+class _MetricsWriter:
+    """Appends one JSON object per line and flushes it, so a crash leaves whole lines."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("w", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _progress_bar(total: int, unit: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train with CABS as ``config`` says; write the output files; return the summary.
+
+    Args:
+        config: the run's settings.
+        progress: show a progress bar (tqdm, on stderr).
+        log: called with short status lines (e.g. ``print``); None says nothing.
+
+    Returns:
+        The contents of ``summary.json``.
+
+    Raises:
+        ValueError, TypeError: bad settings (from the checks here, the controller or the sampler).
+        cabs.datasets.DatasetError: the data set cannot be loaded.
+        ModuleNotFoundError: the backend's framework is not installed.
+    """
+    from cabs import datasets  # the loaders pull in optional packages; only a run needs them
+
+    config.validate()
+    say = log or (lambda text: None)
+    controller = Controller(
+        config.learning_rate,
+        min_batch_size=config.min_batch_size,
+        max_batch_size=config.max_batch_size,
+        initial_batch_size=config.initial_batch_size,
+    )
+    dataset = datasets.load(config.dataset, data_dir=config.data_dir, seed=config.seed)
+    task, architecture = make_task(config, dataset)
+    x_test = _shaped(dataset.x_test, architecture)
+    sampler = BatchSampler(len(dataset.x_train), controller, seed=config.seed, epochs=config.epochs)
+    steps = config.steps if config.steps is not None else (None if config.epochs is not None else DEFAULT_STEPS)
+    schedule = _EvaluationSchedule(config, steps, len(dataset.x_train))
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"training {config.model} on {dataset.name} with {config.backend}; writing {out}")
+    records, evaluations = [], []
+    writer = _MetricsWriter(out / "metrics.jsonl")
+    if steps is not None:
+        bar = _progress_bar(steps, "step", progress)
+    else:
+        bar = _progress_bar(config.epochs * len(dataset.x_train), "ex", progress)
+    start = time.perf_counter()
+    try:
+        for step, indices in enumerate(sampler, start=1):
+            stats, loss = task.step(np.asarray(indices, dtype=np.int64))
+            controller.step(stats)
+            record = {
+                "step": step,
+                "batch_size": len(indices),
+                "loss": loss,
+                "xi": controller.xi,
+                "examples_seen": sampler.examples_seen,
+                "epoch": sampler.examples_seen / sampler.num_examples,
+                "wall_time": time.perf_counter() - start,
+                "skipped": controller.skipped,
+                "next_batch_size": controller.batch_size,
+            }
+            last = step == steps or sampler.exhausted
+            if schedule.due(step, sampler.examples_seen) or last:
+                record["test_loss"], record["test_accuracy"] = task.evaluate(x_test, dataset.y_test)
+                evaluations.append(record)
+            writer.write(record)
+            records.append(record)
+            bar.update(1 if steps is not None else len(indices))
+            bar.set_postfix(examples=sampler.examples_seen, batch=len(indices), loss=f"{loss:.4f}", refresh=False)
+            if last:
+                break
+    finally:
+        bar.close()
+        writer.close()
+    training_time = time.perf_counter() - start
+    train_loss, train_accuracy = task.evaluate(_shaped(dataset.x_train, architecture), dataset.y_train)
+    final = records[-1]
+    summary = {
+        "backend": config.backend,
+        "dataset": dataset.name,
+        "model": config.model,
+        "steps": final["step"],
+        "examples_seen": final["examples_seen"],
+        "epochs": final["epoch"],
+        "final_batch_size": final["batch_size"],
+        "next_batch_size": controller.batch_size,
+        "max_batch_size_used": max(record["batch_size"] for record in records),
+        "skipped_steps": controller.skipped,
+        "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
+        "test_loss": final["test_loss"],
+        "test_accuracy": final["test_accuracy"],
+        "wall_time": training_time,
+        "seed": config.seed,
+        "settings": dataclasses.asdict(config),
+        "controller": controller.state_dict(),
+        **task.summary_extras(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    from cabs.training.plot import plot_training
+
+    plot_training(
+        records, evaluations, out / "training.png", title=f"CABS: {config.model} on {dataset.name} ({config.backend})"
+    )
+    return summary
+
+
+class _EvaluationSchedule:
+    """When to evaluate: every ``eval_every`` steps, else about 20 times over the run.
+
+    With an epoch budget the number of steps is not known in advance (it depends on
+    the batch sizes), so the default spaces evaluations by examples seen instead.
+    """
+
+    def __init__(self, config: TrainConfig, steps: int | None, num_examples: int) -> None:
+        self._every_steps = config.eval_every or (max(1, steps // DEFAULT_EVALUATIONS) if steps else None)
+        self._every_examples = None if self._every_steps else config.epochs * num_examples / DEFAULT_EVALUATIONS
+        self._next_examples = self._every_examples
+
+    def due(self, step: int, examples_seen: int) -> bool:
+        if self._every_steps is not None:
+            return step % self._every_steps == 0
+        if examples_seen >= self._next_examples:
+            while self._next_examples <= examples_seen:
+                self._next_examples += self._every_examples
+            return True
+        return False
+
+
+def summary_table(summary: dict[str, Any], out: str | os.PathLike) -> str:
+    """The short table ``cabs train`` prints at the end."""
+    rows = [
+        ("backend", f"{summary['backend']} ({summary['model']} on {summary['dataset']})"),
+        ("steps", f"{summary['steps']}"),
+        ("examples seen", f"{summary['examples_seen']} ({summary['epochs']:.2f} epochs)"),
+        (
+            "batch size",
+            f"{summary['settings']['initial_batch_size'] or summary['settings']['min_batch_size']} -> {summary['final_batch_size']} (max used {summary['max_batch_size_used']})",
+        ),
+        ("train loss", f"{summary['train_loss']:.4f}"),
+        ("test loss", f"{summary['test_loss']:.4f}"),
+        ("test accuracy", f"{summary['test_accuracy']:.2%}"),
+        ("wall time", f"{summary['wall_time']:.1f} s"),
+        ("output", f"{out}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

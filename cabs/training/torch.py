@@ -1,0 +1,88 @@
+"""PyTorch task for ``cabs train``: builds the network and runs one CABS step."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cabs._stats import GradStats
+from cabs.backends import torch as cabs_torch
+from cabs.training.models import Architecture, Conv
+
+__all__ = ["TorchTask"]
+
+_EVAL_CHUNK = 1024
+
+
+def _network(model: Architecture, parameters: list[tuple[np.ndarray, np.ndarray]]) -> torch.nn.Sequential:
+    layers: list[torch.nn.Module] = []
+    flattened = False
+    for layer, (weight, bias) in zip(model.layers, parameters, strict=True):
+        if isinstance(layer, Conv):
+            conv_class = torch.nn.Conv1d if layer.spatial_dims == 1 else torch.nn.Conv2d
+            pool_class = torch.nn.MaxPool1d if layer.spatial_dims == 1 else torch.nn.MaxPool2d
+            conv = conv_class(layer.in_channels, layer.out_channels, layer.kernel_size, padding=layer.kernel_size // 2)
+            _load(conv, weight, bias)
+            layers += [conv, torch.nn.ReLU()]
+            if layer.pool > 1:
+                layers.append(pool_class(layer.pool))
+            continue
+        if not flattened:
+            layers.append(torch.nn.Flatten())
+            flattened = True
+        linear = torch.nn.Linear(layer.in_features, layer.out_features)
+        _load(linear, weight.T, bias)  # torch stores dense weights as (out, in)
+        layers.append(linear)
+        if layer.relu:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+def _load(module: torch.nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+        module.bias.copy_(torch.from_numpy(bias))
+
+
+class TorchTask:
+    """The network, its training data and a plain SGD optimizer, in PyTorch (float32, CPU).
+
+    Args:
+        model: the architecture.
+        parameters: initial ``(weight, bias)`` per layer (see :mod:`cabs.training.models`).
+        x_train: training inputs, shape ``(n, *model.input_shape)``, float32.
+        y_train: training labels, shape ``(n,)``, int64.
+        learning_rate: the SGD step size.
+    """
+
+    backend = "torch"
+
+    def __init__(self, model, parameters, x_train, y_train, learning_rate: float) -> None:
+        self.network = _network(model, parameters)
+        self.x_train = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
+        self.y_train = torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64))
+        self.loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+        self.optimizer = torch.optim.SGD(self.network.parameters(), lr=learning_rate)
+
+    def step(self, indices: np.ndarray) -> tuple[GradStats, float]:
+        """One SGD step on the examples ``indices``; returns their statistics and mean loss."""
+        index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        stats = cabs_torch.grad_stats(self.network, self.loss_fn, self.x_train[index], self.y_train[index])
+        self.optimizer.step()
+        return stats, float(stats.loss)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy of the current network on ``(x, y)``."""
+        loss_sum, correct = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(x), _EVAL_CHUNK):
+                inputs = torch.from_numpy(np.ascontiguousarray(x[start : start + _EVAL_CHUNK], dtype=np.float32))
+                targets = torch.from_numpy(np.asarray(y[start : start + _EVAL_CHUNK], dtype=np.int64))
+                outputs = self.network(inputs)
+                loss_sum += float(self.loss_fn(outputs, targets).double().sum())
+                correct += int((outputs.argmax(dim=1) == targets).sum())
+        return loss_sum / len(x), correct / len(x)
+
+    def summary_extras(self) -> dict:
+        """Backend-specific entries for ``summary.json``."""
+        return {"framework_version": torch.__version__}
