@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cabs.conformance.driver import BackendDriver
-from cabs.conformance.problems import Problem, get_problem
 from jax import lax
 
 from cabs._stats import GradStats
+from cabs.conformance.driver import BackendDriver
+from cabs.conformance.problems import Problem, get_problem
 
 __all__ = ["JaxDriver", "example_loss_function"]
 

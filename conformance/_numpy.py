@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from cabs._stats import GradStats
 from cabs.conformance.driver import BackendDriver
 from cabs.conformance.oracle import example_loss_and_grads
 from cabs.conformance.problems import Problem
-
-from cabs._stats import GradStats
 
 __all__ = ["NumpyDriver"]
 

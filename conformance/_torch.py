@@ -12,11 +12,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from cabs.conformance.driver import BackendDriver
-from cabs.conformance.problems import Problem
 from torch import nn
 
 from cabs._stats import GradStats
+from cabs.conformance.driver import BackendDriver
+from cabs.conformance.problems import Problem
 
 __all__ = ["TorchDriver", "build_module"]
 

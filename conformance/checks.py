@@ -13,13 +13,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
+
+import cabs
+from cabs._stats import GradStats
 from cabs.conformance.driver import BackendDriver
 from cabs.conformance.oracle import flatten, oracle_stats
 from cabs.conformance.problems import Problem, get_problem
 from cabs.conformance.tolerances import Tolerance, close, tolerance_for
-
-import cabs
-from cabs._stats import GradStats
 
 __all__ = [
     "CHECKS",

@@ -17,9 +17,9 @@ import importlib
 from typing import Any
 
 import numpy as np
-from cabs.conformance.problems import Problem
 
 from cabs._stats import GradStats
+from cabs.conformance.problems import Problem
 
 __all__ = ["BackendDriver", "BUILTIN_DRIVERS", "get_driver"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+
 from cabs.conformance.problems import Problem
 
 __all__ = ["OracleResult", "example_loss_and_grads", "oracle_stats", "flatten", "linear_regression_closed_form"]
