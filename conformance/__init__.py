@@ -15,7 +15,6 @@ A third-party backend implements one small :class:`BackendDriver` and exposes it
 from cabs.conformance.checks import (
     CHECKS,
     ConformanceError,
-    DeterministicSampler,
     check_cabs_loop,
     check_permutation_invariance,
     check_scale_covariance,
@@ -39,7 +38,6 @@ __all__ = [
     "BackendDriver",
     "CheckResult",
     "ConformanceError",
-    "DeterministicSampler",
     "OracleResult",
     "Problem",
     "Tolerance",

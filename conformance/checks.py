@@ -20,11 +20,11 @@ from cabs.conformance.driver import BackendDriver
 from cabs.conformance.oracle import flatten, oracle_stats
 from cabs.conformance.problems import Problem, get_problem
 from cabs.conformance.tolerances import Tolerance, close, tolerance_for
+from cabs.data import BatchSampler
 
 __all__ = [
     "CHECKS",
     "ConformanceError",
-    "DeterministicSampler",
     "check_cabs_loop",
     "check_permutation_invariance",
     "check_scale_covariance",
@@ -293,33 +293,10 @@ def check_scale_covariance(
     return f"loss x {factor:g} with lr / {factor:g}: same batch sizes, loss x {factor:g}, sq_norm_sum x {factor**2:g}"
 
 
-class DeterministicSampler:
-    """Batches of any size from a fixed stream: seeded permutations, one per epoch.
-
-    Every example appears once per epoch; a batch that runs past an epoch's end
-    continues in the next one. The same seed gives the same batches on every backend.
-    """
-
-    def __init__(self, count: int, seed: int = 0) -> None:
-        self._count = count
-        self._seed = seed
-        self._epoch = 0
-        self._order = np.random.default_rng([seed, 0]).permutation(count)
-        self._position = 0
-
-    def take(self, batch_size: int) -> np.ndarray:
-        """The indices of the next ``batch_size`` examples."""
-        taken = []
-        while batch_size > 0:
-            if self._position == self._count:
-                self._epoch += 1
-                self._order = np.random.default_rng([self._seed, self._epoch]).permutation(self._count)
-                self._position = 0
-            chunk = self._order[self._position : self._position + batch_size]
-            taken.append(chunk)
-            self._position += len(chunk)
-            batch_size -= len(chunk)
-        return np.concatenate(taken)
+def _sampler(seed: int) -> BatchSampler:
+    """The loop's sampler: seeded permutations per epoch, batches cut from one index stream."""
+    # The batch size is passed to `draw` at every step; the constructor's is unused.
+    return BatchSampler(LOOP_DATASET_SIZE, batch_size=1, seed=seed)
 
 
 class Trajectory(NamedTuple):
@@ -348,11 +325,11 @@ def oracle_trajectory(problem_name: str, steps: int = 100, seed: int = 0) -> Tra
     state = rule.init(np.asarray(0.0))
     params = problem.init_params(seed)
     inputs, targets = problem.make_data(LOOP_DATASET_SIZE, seed)
-    sampler = DeterministicSampler(LOOP_DATASET_SIZE, seed)
+    sampler = _sampler(seed)
     used, answered, raw = [], [], []
     batch_size = int(state.batch_size)
     for _ in range(steps):
-        indices = sampler.take(batch_size)
+        indices = sampler.draw(batch_size)
         result = oracle_stats(problem, params, inputs[indices], targets[indices])
         stats = GradStats(
             *(np.asarray(v) for v in (result.count, result.loss, result.grad_sq_norm, result.sq_norm_sum))
@@ -380,13 +357,13 @@ def check_cabs_loop(driver: BackendDriver, problem: Problem, dtype: str, *, step
     state = rule.init(driver.asarray(np.asarray(0.0, dtype=dtype)))
     params = cast_params(problem.init_params(seed), dtype)
     inputs, targets = cast_batch(problem, *problem.make_data(LOOP_DATASET_SIZE, seed), dtype)
-    sampler = DeterministicSampler(LOOP_DATASET_SIZE, seed)
+    sampler = _sampler(seed)
     model = driver.build(problem, params, dtype)
     boundary_steps = []
     for step, (used, expected, raw) in enumerate(
         zip(trajectory.used_batch_sizes, trajectory.next_batch_sizes, trajectory.raw_batch_sizes, strict=True)
     ):
-        indices = sampler.take(used)
+        indices = sampler.draw(used)
         model = driver.update_params(model, problem, params, dtype)
         stats, mean_grad = driver.grad_stats(model, inputs[indices], targets[indices])
         batch_size, state = rule.update(stats, state)

@@ -15,6 +15,9 @@ __all__ = ["CheckResult", "run_check", "run_suite", "format_table", "selected_ba
 
 DTYPES = ("float64", "float32")
 
+SESSION_RESULTS: list = []
+"""Results collected by the pytest module, printed as a table at the end of the session."""
+
 
 class CheckResult(NamedTuple):
     """The outcome of one check of one backend on one problem in one dtype.
