@@ -45,7 +45,7 @@ _UNSUPPORTED_LAYERS = {
     "BatchNormalization": "it normalises with statistics of the whole batch, so one example's "
     "gradient depends on the others. Replace it with LayerNormalization or GroupNormalization",
     "Dropout": "its random mask would be drawn once and shared by every example of the vectorised "
-    "per-example pass. Set its rate to 0 or remove it while training with CABS",
+    "per-example pass. Remove it while training with CABS",
     "SpatialDropout1D": "its random mask would be shared by every example. Remove it",
     "SpatialDropout2D": "its random mask would be shared by every example. Remove it",
     "SpatialDropout3D": "its random mask would be shared by every example. Remove it",
@@ -283,7 +283,8 @@ class StatsFunction:
 
     def _check_batch(self, inputs: Any, targets: Any) -> None:
         tf = _tf()
-        sizes = {tensor.shape[0] for tensor in tf.nest.flatten((inputs, targets)) if tensor.shape.rank}
+        # Inside a caller's tf.function the batch size may be unknown (None); only known sizes are compared.
+        sizes = {tensor.shape[0] for tensor in tf.nest.flatten((inputs, targets)) if tensor.shape.rank} - {None}
         if len(sizes) > 1:
             raise ValueError(
                 f"`inputs` and `targets` must hold the same number of examples along axis 0, got "

@@ -251,3 +251,19 @@ def test_docs_training_loop_runs():
     namespace: dict = {}
     exec(compile("\n".join(blocks), str(DOCS), "exec"), namespace)  # noqa: S102 - the documented example
     assert namespace["controller"].steps >= 5
+
+
+def test_grad_stats_inside_a_callers_tf_function(problems):
+    model, loss_fn, inputs, targets = problems[("mlp", "float64")]
+    optimizer = keras.optimizers.SGD(learning_rate=0.0)  # a zero step keeps the shared model unchanged
+
+    @tf.function(reduce_retracing=True)
+    def train_step(batch_inputs, batch_targets):
+        stats, gradients = cabs_tf.grad_stats(model, loss_fn, batch_inputs, batch_targets)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return stats
+
+    eager = cabs_tf.grad_stats(model, loss_fn, inputs, targets)[0]
+    traced = train_step(tf.constant(inputs), tf.constant(targets))
+    for inside, outside in zip(traced, eager, strict=True):
+        np.testing.assert_allclose(float(inside), float(outside), rtol=1e-12)
