@@ -6,6 +6,8 @@ treats the shuffled epochs as one continuous stream of indices and cuts the next
 ``batch_size`` indices off it at each step: a batch may span an epoch boundary
 (its tail comes from the next epoch's permutation), and no example is dropped
 or repeated within an epoch whatever the sequence of batch sizes.
+:class:`DistributedBatchSampler` draws the same global batches on every worker of a
+data-parallel job and keeps each worker's share of them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BatchSampler", "BatchSizeSource"]
+__all__ = ["BatchSampler", "BatchSizeSource", "DistributedBatchSampler", "shard_bounds"]
 
 BatchSizeSource = int | Callable[[], int] | Any
 """An int, a callable returning the next batch size, or an object with a ``batch_size`` int attribute."""
@@ -287,5 +289,112 @@ class BatchSampler:
     def __repr__(self) -> str:
         return (
             f"BatchSampler(num_examples={self._num_examples}, seed={self._seed}, shuffle={self._shuffle}, "
+            f"epochs={self._epochs}, epoch={self._epoch}, position={self._position})"
+        )
+
+
+def shard_bounds(global_batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Where worker ``rank`` of ``world_size`` cuts its share out of a global batch.
+
+    The shares are contiguous and in rank order, so concatenating them gives the
+    global batch; their sizes differ by at most one (the first
+    ``global_batch_size % world_size`` workers take one more), and a worker's share
+    is empty when the global batch is smaller than the number of workers.
+
+    Returns:
+        ``(start, stop)`` such that the worker's share is ``batch[start:stop]``.
+
+    Example:
+        >>> [shard_bounds(7, rank, 3) for rank in range(3)]
+        [(0, 3), (3, 5), (5, 7)]
+    """
+    base, extra = divmod(global_batch_size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class DistributedBatchSampler(BatchSampler):
+    """The batches of :class:`BatchSampler`, each split across data-parallel workers.
+
+    Every worker creates the sampler with the same ``num_examples``, ``seed``,
+    ``shuffle`` and ``epochs`` and its own ``rank``, and reads the batch size from
+    its own controller; the controllers agree because they are fed the same
+    all-reduced statistics (check it with ``agree_batch_size`` of the distributed
+    backend while debugging). Each worker then draws the same global batch, the
+    next ``batch_size`` indices of the shared stream of shuffled epochs, and keeps
+    its contiguous share (:func:`shard_bounds`): sizes differ by at most one, and a
+    worker gets an empty list when the global batch is smaller than the number of
+    workers. Concatenated in rank order the shares are exactly the batch a
+    single-process :class:`BatchSampler` with the same seed yields, so every
+    example is used exactly once per epoch by all workers together.
+
+    The state is global: :meth:`state_dict` is the same on every rank and the same
+    as the single-process sampler's (save it from rank 0 only). Loading it
+    *reshards*: a state saved with any number of workers, or by a
+    :class:`BatchSampler`, continues the same global batches split across the
+    workers of the new job, because rank and world size only decide the split.
+
+    Args:
+        num_examples: the size of the data set (>= 1).
+        batch_size: the *global* batch size: an int, a callable, or an object with a
+            ``batch_size`` attribute such as a :class:`cabs.Controller`.
+        rank: this worker's index, ``0 <= rank < world_size`` (``torch.distributed.get_rank()``).
+        world_size: the number of workers (``torch.distributed.get_world_size()``).
+        seed: a non-negative int that fixes the permutations; the same on every worker.
+        shuffle: when False each epoch visits ``0, 1, ..., num_examples - 1`` in order.
+        epochs: how many epochs to yield; ``None`` (default) never stops.
+
+    Example:
+        >>> shares = [DistributedBatchSampler(10, 5, rank=rank, world_size=2, shuffle=False) for rank in (0, 1)]
+        >>> [next(sampler) for sampler in shares]
+        [[0, 1, 2], [3, 4]]
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: BatchSizeSource,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        epochs: int | None = None,
+    ) -> None:
+        super().__init__(num_examples, batch_size, seed=seed, shuffle=shuffle, epochs=epochs)
+        self._world_size = _check_count(
+            "world_size", world_size, minimum=1, fix="Pass the number of data-parallel workers."
+        )
+        self._rank = _check_count("rank", rank, minimum=0, fix="Pass this worker's rank.")
+        if self._rank >= self._world_size:
+            raise ValueError(
+                f"`rank` must be smaller than world_size={self._world_size}, got rank={self._rank}. "
+                f"Pass torch.distributed.get_rank() and get_world_size() (or the launcher's RANK and WORLD_SIZE)."
+            )
+        self.last_global_batch_size = 0
+        """The size of the global batch the last draw was cut from (0 before the first)."""
+
+    @property
+    def rank(self) -> int:
+        """This worker's index."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of workers."""
+        return self._world_size
+
+    def __next__(self) -> list[int]:
+        if self.exhausted:
+            raise StopIteration
+        global_batch = self.draw(self.next_batch_size())
+        self.last_global_batch_size = len(global_batch)
+        start, stop = shard_bounds(len(global_batch), self._rank, self._world_size)
+        return global_batch[start:stop].tolist()
+
+    def __repr__(self) -> str:
+        return (
+            f"DistributedBatchSampler(num_examples={self._num_examples}, rank={self._rank}, "
+            f"world_size={self._world_size}, seed={self._seed}, shuffle={self._shuffle}, "
             f"epochs={self._epochs}, epoch={self._epoch}, position={self._position})"
         )
