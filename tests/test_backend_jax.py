@@ -282,10 +282,8 @@ def test_padding_changes_no_statistic(model, dtype, fill):
     rtol = {"float64": 1e-12, "float32": 1e-6}[dtype]
     stats_fn = cabs_jax.StatsFunction(loss_fn)
     exact_stats, exact_grad = cabs_jax.StatsFunction(loss_fn, buckets="exact")(params, batch)
-    padded = {
-        key: np.concatenate([value, np.full((6, *value.shape[1:]), fill, value.dtype)]) for key, value in batch.items()
-    }
-    if "y" in padded:
+    padded = {"x": np.concatenate([batch["x"], np.full((6, *batch["x"].shape[1:]), fill, batch["x"].dtype)])}
+    if "y" in batch:
         padded["y"] = np.concatenate([batch["y"], np.full(6, 10**9)])  # labels far out of range
     mask = np.arange(16) < 10
     stats, mean_grad = stats_fn.masked(params, padded, mask)
