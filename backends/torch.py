@@ -16,8 +16,18 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from cabs._stats import GradStats
+from cabs.backends._torch_distributed import StatsAccumulator, agree_batch_size, is_data_parallel, reduced_grad_stats
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "MAX_DEFAULT_CHUNK_SIZE", "array_types", "devices", "grad_stats", "name"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "MAX_DEFAULT_CHUNK_SIZE",
+    "StatsAccumulator",
+    "agree_batch_size",
+    "array_types",
+    "devices",
+    "grad_stats",
+    "name",
+]
 
 name = "torch"
 
@@ -50,6 +60,7 @@ def grad_stats(
     targets: torch.Tensor | tuple[torch.Tensor, ...],
     *,
     chunk_size: int | None = None,
+    process_group: Any = None,
 ) -> GradStats:
     """Per-example gradient statistics of one batch; leaves the mean gradient in ``.grad``.
 
@@ -69,6 +80,11 @@ def grad_stats(
             :data:`DEFAULT_MEMORY_BUDGET_BYTES` (and at most
             :data:`MAX_DEFAULT_CHUNK_SIZE` examples). The result does not depend on it
             beyond rounding.
+        process_group: data parallelism (docs/distributed.md). A
+            ``DistributedDataParallel`` model reduces over its own group when this is
+            None; a plain module reduces only when a group is given (e.g.
+            ``torch.distributed.group.WORLD``). The inputs are then this worker's share
+            (possibly empty) and the result and ``.grad`` are those of the global batch.
 
     Returns:
         :class:`cabs.GradStats` of 0-d tensors on the model's device: ``count`` (int64),
@@ -92,6 +108,8 @@ def grad_stats(
         >>> int(stats.count), model.weight.grad.shape
         (8, torch.Size([2, 3]))
     """
+    if process_group is not None or is_data_parallel(model):
+        return reduced_grad_stats(model, loss_fn, inputs, targets, process_group=process_group, chunk_size=chunk_size)
     _check_model(model)
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable as loss_fn(outputs, targets), got loss_fn={loss_fn!r}.")
