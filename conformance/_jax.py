@@ -8,7 +8,6 @@ float32 tolerance.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +17,7 @@ from jax import lax
 
 from cabs._stats import GradStats
 from cabs.conformance.driver import BackendDriver
-from cabs.conformance.problems import Problem, get_problem
+from cabs.conformance.problems import Problem
 
 __all__ = ["JaxDriver", "example_loss_function"]
 
@@ -70,18 +69,26 @@ def _outputs(problem: Problem, params: dict, inputs):
     raise ValueError(f"unknown problem kind {problem.kind!r}")
 
 
-@functools.cache
-def example_loss_function(problem_name: str, loss_scale: float = 1.0):
-    """``loss_fn(params, (input, target))`` of one example; one object per problem so compiles are reused."""
-    problem = get_problem(problem_name)
+_loss_functions: dict[tuple, Any] = {}
 
-    def loss_fn(params, example):
-        inputs, target = example
-        outputs = _outputs(problem, params, inputs)
-        loss = _cross_entropy(outputs, target) if problem.classification else 0.5 * (outputs - target) ** 2
-        return loss_scale * loss
 
-    return loss_fn
+def example_loss_function(problem: Problem, loss_scale: float = 1.0):
+    """``loss_fn(params, (input, target))`` of one example.
+
+    One function object per problem architecture and loss scale, so the adapter's
+    compile cache (keyed on the function) is reused across calls.
+    """
+    key = (problem.kind, repr(sorted(problem.sizes.items())), float(loss_scale))
+    if key not in _loss_functions:
+
+        def loss_fn(params, example):
+            inputs, target = example
+            outputs = _outputs(problem, params, inputs)
+            loss = _cross_entropy(outputs, target) if problem.classification else 0.5 * (outputs - target) ** 2
+            return loss_scale * loss
+
+        _loss_functions[key] = loss_fn
+    return _loss_functions[key]
 
 
 class _Model(NamedTuple):
@@ -97,7 +104,7 @@ class JaxDriver(BackendDriver):
 
     def build(self, problem: Problem, params: dict[str, np.ndarray], dtype: str, *, loss_scale: float = 1.0) -> Any:
         arrays = {name: jnp.asarray(np.asarray(value, dtype=dtype)) for name, value in params.items()}
-        return _Model(problem, arrays, example_loss_function(problem.name, float(loss_scale)))
+        return _Model(problem, arrays, example_loss_function(problem, float(loss_scale)))
 
     def update_params(self, model: Any, problem: Problem, params: dict[str, np.ndarray], dtype: str) -> Any:
         return model._replace(
