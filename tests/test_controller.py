@@ -8,10 +8,11 @@ import warnings
 
 import numpy as np
 import pytest
-from scripted import scripted_stats
 
 import cabs
 from cabs import GradStats
+
+from scripted import scripted_stats
 
 
 def feed(controller: cabs.Controller, rows) -> list[int]:

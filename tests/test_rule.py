@@ -6,10 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from scripted import scripted_stats
 
 import cabs
 from cabs import GradStats
+
+from scripted import scripted_stats
 
 
 def stats_from(xi: float, loss: float, count: int = 1) -> GradStats:
