@@ -10,13 +10,19 @@ size at almost every step. To keep compilation bounded, a batch is padded up to 
 *bucket* size and the padding is masked out, so a whole training run compiles at
 most once per bucket while the statistics over the real examples stay exact.
 
-Structure (kept so later features slot in without changing the API): the
-compiled function first forms *sums* over the real examples (count, loss sum,
-gradient sum, sum of squared per-example norms; see :class:`BatchSums`), and only
-then the statistics. Sums add across micro-batches and across devices, so
-chunked evaluation (``max_examples_per_pass``) and data parallelism reduce sums
-before :func:`finish`; a faster per-example norm method replaces only
-:func:`batch_sums`.
+Structure: the compiled function first forms *sums* over the real examples
+(count, loss sum, gradient sum, sum of squared per-example norms; see
+:class:`BatchSums`), and only then the statistics (:func:`finish`). Sums add
+across micro-batches and across devices:
+
+- ``max_examples_per_pass`` splits each (padded) batch into equal chunks that a
+  ``lax.scan`` evaluates one after another, adding their sums, so only one chunk's
+  per-example gradients are held at a time;
+- ``mesh`` shards the batch over the ``data`` axis of a :class:`jax.sharding.Mesh`
+  (``shard_map``); each device forms the sums of its share and one ``lax.psum``
+  adds them, so every device forms the same statistics of the global batch.
+
+A faster per-example norm method replaces only :func:`batch_sums`.
 
 Example:
     >>> import jax.numpy as jnp
@@ -52,6 +58,7 @@ __all__ = [
     "array_types",
     "batch_sums",
     "bucket_size",
+    "data_mesh",
     "devices",
     "finish",
     "grad_stats",
@@ -337,6 +344,89 @@ def finish(sums: BatchSums, params: Any) -> tuple[GradStats, Any]:
     return stats, mean_grad
 
 
+# --- micro-batches and devices: sums of chunks, sums of shards ------------------------------
+
+
+def _padded_layout(size: int, shard_count: int, max_examples_per_pass: int | None) -> tuple[int, int]:
+    """``(padded_size, chunk_size)`` for a batch of ``size`` rows on ``shard_count`` devices.
+
+    Each device gets ``padded_size / shard_count`` rows, evaluated in equal chunks of
+    ``chunk_size <= max_examples_per_pass`` rows. The chunks are balanced (as few as
+    the limit allows, sizes as equal as possible) so the extra padding is less than
+    one row per chunk. A pure function of ``size``: one bucket gives one layout, hence
+    one compilation.
+    """
+    rows_per_shard = -(-size // shard_count)
+    if max_examples_per_pass is None:
+        return rows_per_shard * shard_count, rows_per_shard
+    chunk_count = -(-rows_per_shard // max_examples_per_pass)
+    chunk_size = -(-rows_per_shard // chunk_count)
+    return chunk_size * chunk_count * shard_count, chunk_size
+
+
+def _chunked_sums(loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, mask: Any, chunk_size: int) -> BatchSums:
+    """:func:`batch_sums` over consecutive chunks of ``chunk_size`` rows, added up in a ``lax.scan``.
+
+    The scan body is traced once, so the per-example gradients of only one chunk
+    exist at a time; the sums are accumulated in the accumulation dtype, in order.
+    """
+    chunk_count = mask.shape[0] // chunk_size
+    if chunk_count == 1:
+        return batch_sums(loss_fn, params, batch, mask)
+
+    def split(leaf: Any) -> Any:
+        return jnp.reshape(leaf, (chunk_count, chunk_size, *leaf.shape[1:]))
+
+    chunks = jax.tree_util.tree_map(split, (batch, mask))
+
+    def add_chunk(total: BatchSums, chunk: Any) -> tuple[BatchSums, None]:
+        chunk_batch, chunk_mask = chunk
+        sums = batch_sums(loss_fn, params, chunk_batch, chunk_mask)
+        return jax.tree_util.tree_map(jnp.add, total, sums), None
+
+    first = jax.tree_util.tree_map(lambda leaf: leaf[0], chunks)
+    shapes = jax.eval_shape(lambda chunk: batch_sums(loss_fn, params, *chunk), first)
+    zeros = jax.tree_util.tree_map(lambda shape: jnp.zeros(shape.shape, shape.dtype), shapes)
+    total, _ = jax.lax.scan(add_chunk, zeros, chunks)
+    return total
+
+
+def _pad_rows(leaf: Any, size: int, fill: Any = None) -> Any:
+    """Traceable padding of axis 0 to ``size`` rows: copies of the last row, or ``fill``."""
+    missing = size - leaf.shape[0]
+    if missing == 0:
+        return leaf
+    filler = jnp.broadcast_to(leaf[-1:] if fill is None else jnp.asarray(fill, leaf.dtype), (missing, *leaf.shape[1:]))
+    return jnp.concatenate([leaf, filler])
+
+
+def data_mesh(devices: Sequence[Any] | None = None, *, axis: str = "data") -> jax.sharding.Mesh:
+    """A one-axis mesh over ``devices`` (default: every device of every process) for data parallelism.
+
+    Example:
+        >>> mesh = data_mesh()
+        >>> mesh.axis_names
+        ('data',)
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("`devices` must name at least one device, got an empty list. Pass e.g. jax.devices().")
+    return jax.sharding.Mesh(np.asarray(devices), (axis,))
+
+
+def _check_mesh(mesh: Any, data_axis: Any) -> None:
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(
+            f"`mesh` must be a jax.sharding.Mesh, got mesh={mesh!r}. "
+            f"Build one with cabs.backends.jax.data_mesh() or jax.make_mesh((device_count,), ('data',))."
+        )
+    if data_axis not in mesh.axis_names:
+        raise ValueError(
+            f"`data_axis` must be an axis of the mesh {mesh.axis_names}, got data_axis={data_axis!r}. "
+            f"Name the axis that the batch is split over."
+        )
+
+
 # --- user-facing entry points --------------------------------------------------------------
 
 
@@ -353,6 +443,17 @@ class StatsFunction:
         buckets: bucket policy, see :func:`bucket_size`. Default ``"pow2"``.
         max_batch_size: largest batch size of the run (the rule's
             ``max_batch_size``); with ``"pow2"`` it is also the top bucket.
+        max_examples_per_pass: at most this many examples per device are
+            differentiated at once. A larger batch is evaluated in equal chunks, one
+            after another inside the compiled function, and their sums added: the
+            statistics and mean gradient are those of the whole batch, memory is that
+            of one chunk. ``None`` (default): one pass.
+        mesh: a :class:`jax.sharding.Mesh` to run data-parallel on (see
+            :func:`data_mesh`). The batch is padded to a multiple of the number of
+            devices on ``data_axis`` and split over them; ``params`` are replicated.
+            Each device forms the sums of its share and one all-reduce (``psum``)
+            adds them. ``None`` (default): JAX's default device.
+        data_axis: the mesh axis the batch is split over. Default ``"data"``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -366,30 +467,100 @@ class StatsFunction:
         1
     """
 
-    def __init__(self, loss_fn: Callable[[Any, Any], Any], *, buckets: Any = "pow2", max_batch_size: int | None = None):
+    def __init__(
+        self,
+        loss_fn: Callable[[Any, Any], Any],
+        *,
+        buckets: Any = "pow2",
+        max_batch_size: int | None = None,
+        max_examples_per_pass: int | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        data_axis: str = "data",
+    ):
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(params, example), got loss_fn={loss_fn!r}.")
         if max_batch_size is not None:
             max_batch_size = _check_positive_int(
                 "max_batch_size", max_batch_size, "Use the rule's max_batch_size, or None."
             )
+        if max_examples_per_pass is not None:
+            max_examples_per_pass = _check_positive_int(
+                "max_examples_per_pass",
+                max_examples_per_pass,
+                "Use the number of examples whose per-example gradients fit in device memory at once, or None.",
+            )
+        if mesh is not None:
+            _check_mesh(mesh, data_axis)
         self.loss_fn = loss_fn
         self.buckets = _normalize_buckets(buckets, max_batch_size)
         self.max_batch_size = max_batch_size
+        self.max_examples_per_pass = max_examples_per_pass
+        self.mesh = mesh
+        self.data_axis = data_axis
         self._trace_count = 0
         self._compiled = jax.jit(self._statistics)
 
+    @property
+    def shard_count(self) -> int:
+        """Number of devices the batch is split over (1 without a mesh)."""
+        return 1 if self.mesh is None else int(self.mesh.shape[self.data_axis])
+
+    def _layout(self, size: int) -> tuple[int, int]:
+        return _padded_layout(size, self.shard_count, self.max_examples_per_pass)
+
     def _statistics(self, params: Any, batch: Any, mask: Any) -> tuple[GradStats, Any]:
         self._trace_count += 1  # runs only while JAX traces: a fallback compile count
-        return finish(batch_sums(self.loss_fn, params, batch, mask), params)
+        padded_size, chunk_size = self._layout(mask.shape[0])
+        # A batch from `masked` may need rows for the chunk and device layout; they are masked out.
+        batch = jax.tree_util.tree_map(lambda leaf: _pad_rows(leaf, padded_size), batch)
+        mask = _pad_rows(mask, padded_size, fill=False)
+        if self.mesh is None:
+            return finish(_chunked_sums(self.loss_fn, params, batch, mask, chunk_size), params)
+        return self._sharded_statistics(params, batch, mask, chunk_size)
+
+    def _sharded_statistics(self, params: Any, batch: Any, mask: Any, chunk_size: int) -> tuple[GradStats, Any]:
+        """Each device: sums of its rows; one psum of the sums; every device forms the statistics."""
+        data = jax.sharding.PartitionSpec(self.data_axis)
+        replicated = jax.sharding.PartitionSpec()
+
+        def per_device(params: Any, batch: Any, mask: Any) -> tuple[GradStats, Any]:
+            local = _chunked_sums(self.loss_fn, params, batch, mask, chunk_size)
+            return finish(jax.lax.psum(local, self.data_axis), params)
+
+        # check_vma=False: with it on, JAX would treat the replicated params as varying
+        # inside vmap(grad) and psum each per-example gradient over the devices.
+        return jax.shard_map(
+            per_device,
+            mesh=self.mesh,
+            in_specs=(replicated, data, data),
+            out_specs=replicated,
+            check_vma=False,
+        )(params, batch, mask)
 
     def bucket_size(self, count: int) -> int:
-        """The padded size a batch of ``count`` examples runs at under this policy."""
-        return bucket_size(count, self.buckets, max_batch_size=self.max_batch_size)
+        """The padded size a batch of ``count`` examples runs at: its bucket, rounded up to the layout.
+
+        Without ``max_examples_per_pass`` and ``mesh`` this is :func:`bucket_size`;
+        otherwise the bucket is rounded up to a whole number of equal chunks on
+        every device. One bucket gives one padded size, so one compilation.
+        """
+        return self._layout(bucket_size(count, self.buckets, max_batch_size=self.max_batch_size))[0]
+
+    def chunk_size(self, count: int) -> int:
+        """Rows per pass (per device) for a batch of ``count`` examples."""
+        return self._layout(self.bucket_size(count))[1]
 
     def pad(self, batch: Any) -> tuple[Any, np.ndarray]:
         """``(padded_batch, mask)`` with the batch padded to its bucket (see :func:`pad_batch`)."""
         return pad_batch(batch, self.bucket_size(_leading_size(batch)))
+
+    def _place(self, params: Any, batch: Any, mask: Any) -> tuple[Any, Any, Any]:
+        """Put the batch on the mesh split along axis 0 and the params on every device (no-op if already so)."""
+        if self.mesh is None:
+            return params, batch, mask
+        data = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.data_axis))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(params, replicated), jax.device_put(batch, data), jax.device_put(mask, data)
 
     def __call__(self, params: Any, batch: Any) -> tuple[GradStats, Any]:
         """Statistics and mean gradient of ``loss_fn`` over ``batch``.
@@ -400,18 +571,23 @@ class StatsFunction:
                 padded on the host, which compiles nothing).
 
         Returns:
-            ``(GradStats, mean_grad)``; see :func:`finish`.
+            ``(GradStats, mean_grad)``; see :func:`finish`. With a mesh, both are
+            replicated on every device of the mesh.
         """
         _check_params(params)
         padded, mask = self.pad(batch)
-        return self._compiled(params, padded, mask)
+        return self._compiled(*self._place(params, padded, mask))
 
     def masked(self, params: Any, batch: Any, mask: Any) -> tuple[GradStats, Any]:
         """Statistics over the examples of an already padded ``batch`` where ``mask`` is True.
 
         For fixed-shape input pipelines and for use inside your own ``jax.jit``
         (the step then compiles once per padded size). Padding may hold any
-        values, NaN and inf included.
+        values, NaN and inf included. Rows the chunk or device layout needs are
+        added inside (pad to :meth:`bucket_size` to avoid that copy). With a
+        mesh, arrays are used where they are: place the batch with
+        ``NamedSharding(mesh, PartitionSpec(data_axis))`` yourself (for several
+        hosts, e.g. ``jax.make_array_from_process_local_data``).
         """
         _check_params(params)
         count = _leading_size(batch)
@@ -430,7 +606,10 @@ class StatsFunction:
         return int(cache_size()) if cache_size is not None else self._trace_count
 
     def __repr__(self) -> str:
-        return f"StatsFunction({self.loss_fn!r}, buckets={self.buckets!r}, max_batch_size={self.max_batch_size!r})"
+        return (
+            f"StatsFunction({self.loss_fn!r}, buckets={self.buckets!r}, max_batch_size={self.max_batch_size!r}, "
+            f"max_examples_per_pass={self.max_examples_per_pass!r}, mesh={self.mesh!r}, data_axis={self.data_axis!r})"
+        )
 
 
 _cache: OrderedDict[tuple[Any, ...], StatsFunction] = OrderedDict()
@@ -443,13 +622,16 @@ def grad_stats(
     *,
     buckets: Any = "pow2",
     max_batch_size: int | None = None,
+    max_examples_per_pass: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
 ) -> tuple[GradStats, Any]:
     """Gradient moment statistics and mean gradient of a per-example loss over a batch.
 
     A convenience over :class:`StatsFunction`: the compiled function is kept in a
-    small cache keyed on ``loss_fn`` and the bucket policy, so calling this every
-    step with the same ``loss_fn`` object compiles once per bucket (a fresh lambda
-    per call defeats the cache; hold a :class:`StatsFunction` instead).
+    small cache keyed on ``loss_fn`` and the options, so calling this every step
+    with the same ``loss_fn`` object compiles once per bucket (a fresh lambda per
+    call defeats the cache; hold a :class:`StatsFunction` instead).
 
     Args:
         loss_fn: ``loss_fn(params, example) -> scalar``, the loss of ONE example.
@@ -457,16 +639,26 @@ def grad_stats(
         batch: pytree of arrays with the batch on axis 0.
         buckets: bucket policy, see :func:`bucket_size`.
         max_batch_size: largest batch size of the run.
+        max_examples_per_pass: chunk limit for micro-batching, see :class:`StatsFunction`.
+        mesh: devices to run data-parallel on, see :class:`StatsFunction`.
+        data_axis: the mesh axis the batch is split over.
 
     Returns:
         ``(GradStats, mean_grad)``: ``GradStats(count, loss, grad_sq_norm,
         sq_norm_sum)`` as 0-d JAX arrays (float32, or float64 for float64 params)
         and the mean gradient, a pytree like ``params``.
     """
-    key = (loss_fn, repr(buckets), max_batch_size)
+    key = (loss_fn, repr(buckets), max_batch_size, max_examples_per_pass, mesh, data_axis)
     stats_fn = _cache.pop(key, None)
     if stats_fn is None:
-        stats_fn = StatsFunction(loss_fn, buckets=buckets, max_batch_size=max_batch_size)
+        stats_fn = StatsFunction(
+            loss_fn,
+            buckets=buckets,
+            max_batch_size=max_batch_size,
+            max_examples_per_pass=max_examples_per_pass,
+            mesh=mesh,
+            data_axis=data_axis,
+        )
     _cache[key] = stats_fn
     while len(_cache) > _CACHE_LIMIT:
         _cache.popitem(last=False)
