@@ -577,12 +577,11 @@ def layerwise_grad_stats(
     for pieces in norms.values():
         for value in pieces:
             sq_norm_sum += value.sum()
-    grad_sq_norm = torch.zeros((), dtype=accumulate_dtype, device=device)
     with torch.no_grad():
-        for parameter in trainable.values():
-            mean_grad = parameter.grad.to(accumulate_dtype) / count
-            grad_sq_norm += mean_grad.pow(2).sum()
-            parameter.grad = mean_grad.to(parameter.dtype)
+        # From the summed gradients, before they are narrowed; multi-tensor kernels keep small steps fast.
+        wide_grads = [parameter.grad.to(accumulate_dtype) for parameter in trainable.values()]
+        grad_sq_norm = torch.stack(torch._foreach_norm(wide_grads)).pow(2).sum() / (count * count)
+    _divide_grads(list(trainable.values()), count)
     return GradStats(
         count=torch.tensor(count, dtype=torch.int64, device=device),
         loss=loss_sum / count,
@@ -605,7 +604,15 @@ def mean_grad(
     """
     _check_options("auto", max_examples_per_pass)
     count, loss_sum, _ = _accumulated_passes(model, loss_fn, inputs, targets, VMAP, max_examples_per_pass, False)
-    with torch.no_grad():
-        for parameter in _trainable(model).values():
-            parameter.grad = (parameter.grad.to(loss_sum.dtype) / count).to(parameter.dtype)
+    _divide_grads(list(_trainable(model).values()), count)
     return loss_sum / count
+
+
+def _divide_grads(parameters: list[torch.Tensor], count: int) -> None:
+    """Summed gradients (in the accumulation dtype for narrow parameters) -> mean gradients in the parameter dtype."""
+    with torch.no_grad():
+        same_dtype = [parameter.grad for parameter in parameters if parameter.grad.dtype == parameter.dtype]
+        torch._foreach_div_(same_dtype, count)
+        for parameter in parameters:
+            if parameter.grad.dtype != parameter.dtype:
+                parameter.grad = (parameter.grad / count).to(parameter.dtype)
