@@ -90,3 +90,10 @@ def docs(session: nox.Session) -> None:
     """Run every code example in README.md and docs/."""
     _install(session, "all")
     _pytest(session, "tests/test_docs.py", backends=",".join(BACKENDS))
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Overhead of the statistics as ratios to a plain SGD step (not a default session; takes minutes)."""
+    _install(session, "torch")
+    session.run("python", "benchmarks/bench_stats.py", "--backend", "torch", *session.posargs)
