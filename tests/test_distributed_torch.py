@@ -10,6 +10,10 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +265,18 @@ def test_accumulator_without_a_group_sums_micro_batches_and_refuses_an_empty_bat
     accumulator.add(squared_error, inputs[:0], targets[:0])
     with pytest.raises(ValueError, match="at least one example, got m=0 on every worker"):
         accumulator.reduce()
+
+
+def test_the_guide_script_runs_under_torchrun(tmp_path):
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "distributed.md").read_text()
+    (script,) = re.findall(r"^```python no-run\n(# train_ddp\.py.*?)^```", guide, re.S | re.M)
+    (tmp_path / "train_ddp.py").write_text(script)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ddp.py"]
+    finished = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    lines = [line for line in finished.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 0", "step 20", "step 40", "step 60", "step 80"]
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert set(checkpoint) == {"model", "optimizer", "controller", "sampler"}
+    assert checkpoint["sampler"]["examples_seen"] >= 100 * 16  # 100 steps of at least the minimum batch size
