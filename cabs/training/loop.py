@@ -109,9 +109,10 @@ def make_task(config: TrainConfig, dataset: Any) -> tuple[Task, models.Architect
     parameters = models.initial_parameters(architecture, config.seed)
     module = importlib.import_module(f"cabs.training.{config.backend}")
     x_train = _shaped(dataset.x_train, architecture)
-    task = getattr(module, _TASKS[config.backend])(
-        architecture, parameters, x_train, dataset.y_train, config.learning_rate
-    )
+    # JAX pads batches up to size buckets; the largest bucket is the run's largest batch.
+    options = {"max_batch_size": config.max_batch_size} if config.backend == "jax" else {}
+    task_class = getattr(module, _TASKS[config.backend])
+    task = task_class(architecture, parameters, x_train, dataset.y_train, config.learning_rate, **options)
     return task, architecture
 
 

@@ -1,0 +1,116 @@
+"""TensorFlow task for ``cabs train``: a Keras network and one CABS step."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Quiet TensorFlow's start-up banner; set before the import, and only if the user has not chosen.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from cabs._stats import GradStats  # noqa: E402
+from cabs.backends import tensorflow as cabs_tf  # noqa: E402
+from cabs.training.models import Architecture, Conv  # noqa: E402
+
+__all__ = ["TensorFlowTask"]
+
+_EVAL_CHUNK = 1024
+
+
+def _network(model: Architecture, parameters: list[tuple[np.ndarray, np.ndarray]]) -> keras.Model:
+    """The Keras network with the NumPy weights; the same function as the PyTorch network.
+
+    Keras convolutions are channels-last on the CPU, so the input is transposed
+    once at the start and back before flattening (the flattening order, and with
+    it the dense weights, then match PyTorch's). A 1-D convolution runs as a
+    Conv2D over a height of 1: the adapter computes exact per-example kernel
+    gradients for Conv2D without a per-example loop.
+    """
+    layers: list[Any] = [keras.Input(model.input_shape)]
+    weights: list[np.ndarray] = []
+    convs = [layer for layer in model.layers if isinstance(layer, Conv)]
+    if convs:
+        if convs[0].spatial_dims == 1:
+            channels, length = model.input_shape
+            layers += [keras.layers.Permute((2, 1)), keras.layers.Reshape((1, length, channels))]
+        else:
+            layers.append(keras.layers.Permute((2, 3, 1)))
+    flattened = False
+    for layer, (weight, bias) in zip(model.layers, parameters, strict=True):
+        if isinstance(layer, Conv):
+            kernel = (1, layer.kernel_size) if layer.spatial_dims == 1 else (layer.kernel_size,) * 2
+            pool = (1, layer.pool) if layer.spatial_dims == 1 else (layer.pool,) * 2
+            layers.append(keras.layers.Conv2D(layer.out_channels, kernel, padding="same", activation="relu"))
+            # (out, in, *kernel) -> Keras' (kernel_h, kernel_w, in, out)
+            kernel_weight = weight[:, :, None, :] if layer.spatial_dims == 1 else weight
+            weights += [np.transpose(kernel_weight, (2, 3, 1, 0)), bias]
+            if layer.pool > 1:
+                layers.append(keras.layers.MaxPooling2D(pool))
+            continue
+        if not flattened:
+            if convs:
+                # Back to channels first so the flattened order is PyTorch's.
+                layers.append(keras.layers.Permute((3, 1, 2)))
+            layers.append(keras.layers.Flatten())
+            flattened = True
+        layers.append(keras.layers.Dense(layer.out_features, activation="relu" if layer.relu else None))
+        weights += [weight, bias]
+    network = keras.Sequential(layers)
+    network.set_weights(weights)
+    return network
+
+
+class TensorFlowTask:
+    """The Keras network, its training data and plain SGD, in TensorFlow (float32).
+
+    Args:
+        model: the architecture.
+        parameters: initial ``(weight, bias)`` per layer (see :mod:`cabs.training.models`).
+        x_train: training inputs, shape ``(n, *model.input_shape)``, float32.
+        y_train: training labels, shape ``(n,)``, int64.
+        learning_rate: the SGD step size.
+    """
+
+    backend = "tensorflow"
+
+    def __init__(self, model, parameters, x_train, y_train, learning_rate: float) -> None:
+        self.network = _network(model, parameters)
+        self.x_train = np.asarray(x_train, dtype=np.float32)
+        self.y_train = np.asarray(y_train, dtype=np.int64)
+        self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+        self.stats_function = cabs_tf.stats_function(self.network, self.loss_fn)
+        self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
+
+    def step(self, indices: np.ndarray) -> tuple[GradStats, float]:
+        """One SGD step on the examples ``indices``; returns their statistics and mean loss."""
+        inputs = tf.constant(self.x_train[indices])
+        targets = tf.constant(self.y_train[indices])
+        stats, gradients = self.stats_function(inputs, targets)
+        self.optimizer.apply_gradients(zip(gradients, self.network.trainable_variables, strict=True))
+        return stats, float(stats.loss)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy of the current network on ``(x, y)``."""
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(x), _EVAL_CHUNK):
+            inputs = tf.constant(np.asarray(x[start : start + _EVAL_CHUNK], dtype=np.float32))
+            targets = tf.constant(np.asarray(y[start : start + _EVAL_CHUNK], dtype=np.int64))
+            chunk_loss, chunk_correct = self._evaluation_sums(inputs, targets)
+            loss_sum += float(chunk_loss)
+            correct += int(chunk_correct)
+        return loss_sum / len(x), correct / len(x)
+
+    @tf.function(reduce_retracing=True)
+    def _evaluation_sums(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
+        logits = self.network(inputs, training=False)
+        losses = self.loss_fn(targets, logits)
+        hits = tf.cast(tf.equal(tf.argmax(logits, axis=-1), targets), tf.int64)
+        return tf.reduce_sum(tf.cast(losses, tf.float64)), tf.reduce_sum(hits)
+
+    def summary_extras(self) -> dict[str, Any]:
+        """Backend-specific entries for ``summary.json``: the tracing count of the statistics."""
+        return {"framework_version": tf.__version__, "trace_count": self.stats_function.trace_count}
