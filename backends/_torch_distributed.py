@@ -131,8 +131,10 @@ class StatsAccumulator:
         with torch.no_grad():
             for parameter in self._trainable.values():
                 size = parameter.numel()
-                # The adapter leaves the micro-batch's mean gradient; the sums add across micro-batches.
-                self._sums[offset : offset + size] += parameter.grad.reshape(-1).to(self._dtype) * count
+                # The adapter leaves the micro-batch's mean gradient in every trainable .grad; sums add.
+                mean_grad = parameter.grad
+                assert mean_grad is not None
+                self._sums[offset : offset + size] += mean_grad.reshape(-1).to(self._dtype) * count
                 offset += size
 
     def reduce(self) -> GradStats:
