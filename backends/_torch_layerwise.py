@@ -83,10 +83,14 @@ def _linear_cost(module: torch.nn.Linear, layer_input: torch.Tensor) -> int:
     )
 
 
-def _conv_patches(module: torch.nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
-    """The unfolded input patches [b, C_in * prod(kernel), T] in the order of ``weight.view(C_out, -1)``."""
+def _padded_input(module: torch.nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """The input as the convolution sees it: padded by the module's padding and padding mode."""
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    padded = functional.pad(layer_input, module._reversed_padding_repeated_twice, mode=mode)
+    return functional.pad(layer_input, module._reversed_padding_repeated_twice, mode=mode)
+
+
+def _conv_patches(module: torch.nn.Module, padded: torch.Tensor) -> torch.Tensor:
+    """The unfolded input patches [b, C_in * prod(kernel), T] in the order of ``weight.view(C_out, -1)``."""
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     if isinstance(module, torch.nn.Conv1d):
         # unfold is two-dimensional: a length-L signal is a 1 x L image with a 1 x k kernel.
@@ -95,17 +99,50 @@ def _conv_patches(module: torch.nn.Module, layer_input: torch.Tensor) -> torch.T
     return functional.unfold(padded, kernel, dilation=dilation, stride=stride)
 
 
-def _conv_rule(module: torch.nn.Module, layer_input: torch.Tensor, output_grad: torch.Tensor) -> Norms:
-    count, groups = layer_input.shape[0], module.groups
-    patches = _conv_patches(module, layer_input)
+def _conv_gram_sq_norms(module: torch.nn.Module, padded: torch.Tensor, output_grad: torch.Tensor) -> torch.Tensor:
+    """Weight norms by the Gram form on unfolded patches: cheap when there are few output positions."""
+    count, groups = padded.shape[0], module.groups
+    patches = _conv_patches(module, padded)
     steps = patches.shape[-1]
-    output_grads = output_grad.reshape(count, module.out_channels, steps)
     # Each group's weights see only their own input channels: the groups are separate layers.
     grouped_patches = patches.reshape(count * groups, -1, steps).transpose(1, 2)
-    grouped_grads = output_grads.reshape(count * groups, -1, steps).transpose(1, 2)
-    norms = {"weight": _outer_product_sq_norms(grouped_patches, grouped_grads).reshape(count, groups).sum(1)}
+    grouped_grads = output_grad.reshape(count * groups, -1, steps).transpose(1, 2)
+    return _outer_product_sq_norms(grouped_patches, grouped_grads).reshape(count, groups).sum(1)
+
+
+def _conv_explicit_sq_norms(module: torch.nn.Module, padded: torch.Tensor, output_grad: torch.Tensor) -> torch.Tensor:
+    """Weight norms from each example's weight gradient, formed for this layer only by one grouped convolution.
+
+    ``g_i[o, c, u] = sum_t d_i[o, t] x_i[c, stride * t + dilation * u]`` is a convolution of the input with
+    the output gradient as kernel (stride and dilation swap roles); with the input channels of all
+    examples and groups as the convolution's groups, and the channels within a group as its batch, one
+    call forms every example's gradient (unfolding the patches costs far more memory traffic on CPU).
+    """
+    count, groups, spatial = padded.shape[0], module.groups, padded.shape[2:]
+    group_inputs = module.in_channels // groups
+    convolution = functional.conv1d if isinstance(module, torch.nn.Conv1d) else functional.conv2d
+    inputs = padded.reshape(count, groups, group_inputs, *spatial).movedim(2, 0)
+    inputs = inputs.reshape(group_inputs, count * groups, *spatial)
+    kernels = output_grad.reshape(count * module.out_channels, 1, *output_grad.shape[2:])
+    grads = convolution(inputs, kernels, stride=module.dilation, dilation=module.stride, groups=count * groups)
+    # Positions past the kernel appear when the stride does not divide the padded size: not part of the weight.
+    grads = grads[(..., *(slice(0, size) for size in module.kernel_size))]
+    return grads.reshape(group_inputs, count, -1).pow(2).sum((0, 2))
+
+
+def _conv_rule(module: torch.nn.Module, layer_input: torch.Tensor, output_grad: torch.Tensor) -> Norms:
+    count = layer_input.shape[0]
+    padded = _padded_input(module, layer_input)
+    steps = output_grad[0, 0].numel()
+    patch_size = module.weight[0].numel()
+    group_outputs = module.out_channels // module.groups
+    if steps * steps * (patch_size + group_outputs) < steps * patch_size * group_outputs:
+        weight_norms = _conv_gram_sq_norms(module, padded, output_grad)
+    else:
+        weight_norms = _conv_explicit_sq_norms(module, padded, output_grad)
+    norms = {"weight": weight_norms}
     if module.bias is not None:
-        norms["bias"] = output_grads.sum(2).pow(2).sum(1)
+        norms["bias"] = output_grad.reshape(count, module.out_channels, -1).sum(2).pow(2).sum(1)
     return norms
 
 

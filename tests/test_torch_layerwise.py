@@ -212,6 +212,42 @@ def test_both_forms_of_the_outer_product_agree_with_an_explicit_sum():
         np.testing.assert_allclose(actual.numpy(), expected, rtol=RTOL)
 
 
+CONVOLUTIONS = {
+    "conv1d_strided": (lambda: nn.Conv1d(2, 4, 3, stride=2, padding=1), (3, 2, 9)),
+    "conv1d_few_positions": (lambda: nn.Conv1d(4, 8, 3), (3, 4, 4)),
+    "conv1d_circular_groups": (
+        lambda: nn.Conv1d(4, 6, 3, padding="same", dilation=2, groups=2, padding_mode="circular"),
+        (3, 4, 7),
+    ),
+    "conv2d_strided_padded": (lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 3), padding=(1, 2)), (3, 2, 7, 8)),
+    "conv2d_few_positions": (lambda: nn.Conv2d(3, 8, 3, stride=2), (3, 3, 5, 5)),
+    "conv2d_reflect_dilated_groups": (
+        lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode="reflect"),
+        (3, 4, 5, 6),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONVOLUTIONS))
+@pytest.mark.parametrize("form", ["gram", "explicit"])
+def test_both_forms_of_the_convolution_rule_equal_the_loop(case, form):
+    make_layer, shape = CONVOLUTIONS[case]
+    torch.manual_seed(0)
+    layer = make_layer().double()
+    inputs = float_inputs(*shape)
+    with torch.no_grad():
+        output_grads = torch.randn_like(layer(inputs))
+    expected = []
+    for index in range(shape[0]):
+        layer.zero_grad(set_to_none=True)
+        # The loss <conv(x_i), R_i> has R_i as its output gradient.
+        (layer(inputs[index : index + 1]) * output_grads[index : index + 1]).sum().backward()
+        expected.append(float(layer.weight.grad.pow(2).sum()))
+    padded = layerwise._padded_input(layer, inputs)
+    compute = layerwise._conv_gram_sq_norms if form == "gram" else layerwise._conv_explicit_sq_norms
+    np.testing.assert_allclose(compute(layer, padded, output_grads).numpy(), expected, rtol=RTOL)
+
+
 def test_plan_names_the_method_of_each_parameter():
     model, inputs, _ = build("fallback_custom")
     assert layerwise.plan(model) == {
