@@ -21,12 +21,13 @@ jax.config.update("jax_enable_x64", True)  # conftest asks for it too; the float
 
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
-from scripted import scripted_stats  # noqa: E402
 
 import cabs  # noqa: E402
 from cabs import GradStats  # noqa: E402
 from cabs.backends import get_backend  # noqa: E402
 from cabs.backends import jax as cabs_jax  # noqa: E402
+
+from scripted import scripted_stats  # noqa: E402
 
 RTOL = {"float64": 1e-9, "float32": 1e-4}
 DOCS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "jax.md"
@@ -367,6 +368,75 @@ def test_bucket_policies(count, buckets, max_batch_size, expected):
 def test_bucket_policy_errors(count, buckets, max_batch_size, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         cabs_jax.bucket_size(count, buckets, max_batch_size=max_batch_size)
+
+
+# --- micro-batching ---------------------------------------------------------------------------
+
+
+def scan_lengths(function, *args):
+    """Lengths of the ``scan`` equations anywhere in the jaxpr of ``function(*args)``."""
+    lengths = []
+
+    def visit(jaxpr):
+        for equation in jaxpr.eqns:
+            if equation.primitive.name == "scan":
+                lengths.append(equation.params["length"])
+            for value in equation.params.values():
+                for inner in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr holds its Jaxpr
+                    if hasattr(inner, "eqns"):
+                        visit(inner)
+
+    visit(jax.make_jaxpr(function)(*args).jaxpr)
+    return lengths
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_micro_batches_give_the_whole_batch_statistics(model):
+    # 23 examples in passes of at most 8: three chunks of 8, one masked row pads the last.
+    loss_fn, params, batch, _ = make_problem(model, "float64", count=23, seed=8)
+    chunked = cabs_jax.StatsFunction(loss_fn, buckets="exact", max_examples_per_pass=8)
+    assert chunked.bucket_size(23) == 24 and chunked.chunk_size(23) == 8
+    stats, mean_grad = chunked(params, batch)
+    whole_stats, whole_grad = cabs_jax.StatsFunction(loss_fn, buckets="exact")(params, batch)
+    for field in GradStats._fields:
+        assert_close(getattr(stats, field), getattr(whole_stats, field), 1e-12, field)
+    for key in params:
+        assert_close(mean_grad[key], whole_grad[key], 1e-12, key)
+    assert_matches(stats, mean_grad, loop_statistics(jax_grad_per_example(loss_fn), params, batch), 1e-9)
+    # The chunks run one after another: a scan over 3 chunks, whose vmapped gradients have 8 rows.
+    assert scan_lengths(chunked.masked, params, *chunked.pad(batch)) == [3]
+
+
+def test_micro_batches_keep_one_compile_per_bucket_and_mask_garbage():
+    loss_fn, params, _, _ = make_problem("mlp", "float64", count=1)
+    stats_fn = cabs_jax.StatsFunction(loss_fn, max_batch_size=100, max_examples_per_pass=24)
+    rng = np.random.default_rng(9)
+    sizes = [3, 30, 33, 64, 65, 100]
+    # Buckets 16, 32, 64, 100 run in balanced chunks: 16, 2 x 16, 3 x 22 (66), 5 x 20.
+    assert [stats_fn.bucket_size(n) for n in (16, 32, 64, 100)] == [16, 32, 66, 100]
+    assert [stats_fn.chunk_size(n) for n in (16, 32, 64, 100)] == [16, 16, 22, 20]
+    for size in sizes:
+        _, batch = mlp_setup(rng, size)
+        stats, mean_grad = stats_fn(params, batch)
+        assert_matches(stats, mean_grad, loop_statistics(mlp_numpy_loss_and_grad, params, batch), 1e-9)
+    assert stats_fn.compile_count == 4
+    # A masked batch whose size is no whole number of chunks gets masked rows inside; NaN padding stays out.
+    _, batch = mlp_setup(rng, 21)
+    padded = {"x": np.concatenate([batch["x"], np.full((6, 5), np.nan)]), "y": np.concatenate([batch["y"], [0] * 6])}
+    stats, mean_grad = cabs_jax.StatsFunction(loss_fn, max_examples_per_pass=10).masked(
+        params, padded, np.arange(27) < 21
+    )
+    assert_matches(stats, mean_grad, loop_statistics(mlp_numpy_loss_and_grad, params, batch), 1e-9)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_bad_max_examples_per_pass_is_a_clear_error(value):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"`max_examples_per_pass` must be a positive integer, got max_examples_per_pass={value!r}"),
+    ):
+        cabs_jax.StatsFunction(tied_loss, max_examples_per_pass=value)
 
 
 # --- the rule under jax.jit ---------------------------------------------------------------
