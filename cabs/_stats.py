@@ -62,9 +62,12 @@ class GradStats(NamedTuple):
             raise ValueError(
                 f"`ddof` must be 0 or 1, got ddof={ddof!r}. Use 0 for the reference code's estimate, 1 for the unbiased one."
             )
-        xp = array_namespace(self.sq_norm_sum)
-        dtype = self.sq_norm_sum.dtype
+        xp = array_namespace(*self)
+        sq_norm_sum = self.sq_norm_sum
+        if isinstance(sq_norm_sum, (int, float)):
+            sq_norm_sum = xp.asarray(float(sq_norm_sum), dtype=xp.float64)
+        dtype = sq_norm_sum.dtype
         count = xp.asarray(self.count, dtype=dtype)
         grad_sq_norm = xp.asarray(self.grad_sq_norm, dtype=dtype)
-        spread = self.sq_norm_sum - count * grad_sq_norm
+        spread = sq_norm_sum - count * grad_sq_norm
         return xp.clip(spread / (count - float(ddof)), min=0.0)

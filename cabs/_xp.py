@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 __all__ = ["array_namespace", "tensorflow_namespace", "TENSORFLOW_FUNCTIONS"]
 
@@ -35,7 +36,13 @@ def _is_tensorflow(x: Any) -> bool:
 
 
 def array_namespace(*arrays: Any) -> Any:
-    """Return the Array API namespace of ``arrays`` (a shim for TensorFlow)."""
+    """Return the Array API namespace of ``arrays`` (a shim for TensorFlow).
+
+    Python numbers take the namespace of the arrays beside them; numbers alone are NumPy.
+    """
+    arrays = tuple(x for x in arrays if not isinstance(x, (bool, int, float)))
+    if not arrays:
+        return array_api_compat.array_namespace(np.asarray(0.0))
     if any(_is_tensorflow(x) for x in arrays):
         return tensorflow_namespace()
     try:

@@ -81,7 +81,14 @@ class Controller:
         return int(self._state.step)
 
     def step(self, stats: GradStats) -> int:
-        """Feed one batch's statistics; return the next batch size."""
+        """Feed one batch's statistics; return the next batch size.
+
+        Raises:
+            TypeError: ``stats`` is not a :class:`GradStats` of scalars.
+            ValueError: the count is below 1, or the loss is negative while no
+                ``loss_floor`` is set (CABS divides by the loss).
+            FloatingPointError: a non-finite step with ``on_nonfinite="raise"``.
+        """
         if not isinstance(stats, GradStats):
             raise TypeError(
                 f"`stats` must be a cabs.GradStats, got {type(stats).__name__}. Get one from a "
@@ -93,26 +100,45 @@ class Controller:
                 for name, v in zip(GradStats._fields, stats, strict=True)
             )
         )
-        xi = float(values.variance_trace(ddof=self._config.get("ddof", 0)))
-        self.xi = xi
-        if not (math.isfinite(xi) and math.isfinite(float(values.loss))):
-            if self._on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"non-finite CABS statistics: loss={float(values.loss)!r}, xi={xi!r} "
-                    f"(count={float(values.count)!r}). Check the loss for overflow, or pass "
-                    f"on_nonfinite='skip' to leave such steps out of the averages."
-                )
-            if not self._warned:
-                warnings.warn(
-                    f"skipping a step with non-finite CABS statistics (loss={float(values.loss)!r}, "
-                    f"xi={xi!r}); the averages and batch size stay unchanged. Further skips are "
-                    f"counted in Controller.skipped without a warning.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self._warned = True
-        _, self._state = self._rule.update(values, self._state)
+        self._check_values(values)
+        with np.errstate(all="ignore"):  # 0/0 for one example with ddof=1 is a skipped step, not a warning
+            xi = float(values.variance_trace(ddof=self._config.get("ddof", 0)))
+            self.xi = xi
+            if not (math.isfinite(xi) and math.isfinite(float(values.loss))):
+                self._non_finite(values, xi)
+            _, self._state = self._rule.update(values, self._state)
         return self.batch_size
+
+    def _check_values(self, values: GradStats) -> None:
+        count, loss = float(values.count), float(values.loss)
+        if not count >= 1:
+            raise ValueError(f"`stats.count` must be >= 1 (the number of examples in the batch), got count={count!r}.")
+        if loss < 0 and self._config.get("loss_floor", 0.0) == 0.0:
+            raise ValueError(
+                f"CABS divides by the loss, which must be positive, got loss={loss!r}. For a loss that can "
+                f"be negative, pass loss_floor=<a lower bound of the loss> (the denominator is then "
+                f"loss - loss_floor)."
+            )
+
+    def _non_finite(self, values: GradStats, xi: float) -> None:
+        loss, count = float(values.loss), float(values.count)
+        if count == 1 and self._config.get("ddof", 0) == 1 and math.isfinite(loss):
+            reason = "a batch of one example has no variance with ddof=1"
+        else:
+            reason = f"non-finite CABS statistics: loss={loss!r}, xi={xi!r} (count={count!r})"
+        if self._on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"{reason}. Check the loss for overflow, or pass on_nonfinite='skip' to leave such "
+                f"steps out of the averages."
+            )
+        if not self._warned:
+            warnings.warn(
+                f"skipping a step: {reason}; the averages and batch size stay unchanged. Further skips "
+                f"are counted in Controller.skipped without a warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned = True
 
     def state_dict(self) -> dict[str, Any]:
         """The controller's configuration and state as plain Python values."""
