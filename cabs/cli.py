@@ -8,6 +8,7 @@ installed) end with one line ``cabs: error: ...`` on stderr and exit status 2;
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import math
 import sys
@@ -172,6 +173,9 @@ def _run_backends(arguments: argparse.Namespace) -> int:
     rows = []
     for name in backends.available():
         try:
+            if name in backends.BUILTIN:
+                # Adapters never import their framework themselves; listing devices needs it.
+                importlib.import_module(backends.BUILTIN[name][1])
             backend = backends.load(name)
             devices = ", ".join(backend.devices())
             version = _framework_version(name, backend)

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cabs import backends
 from cabs._stats import GradStats
 from cabs.controller import Controller
 from cabs.data import BatchSampler
@@ -107,6 +108,7 @@ def make_task(config: TrainConfig, dataset: Any) -> tuple[Task, models.Architect
     """Build the chosen backend's task with the NumPy initial weights for ``config.seed``."""
     architecture = models.architecture(config.model, dataset.input_shape, dataset.num_classes)
     parameters = models.initial_parameters(architecture, config.seed)
+    backends.load(config.backend)  # a missing framework fails here, with the command that installs it
     module = importlib.import_module(f"cabs.training.{config.backend}")
     x_train = _shaped(dataset.x_train, architecture)
     # JAX pads batches up to size buckets; the largest bucket is the run's largest batch.
