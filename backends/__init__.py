@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any
 
-__all__ = ["available", "get_backend", "load", "register", "BUILTIN"]
+__all__ = ["available", "get_backend", "load", "register", "unregister", "BUILTIN"]
 
 # name -> (module path, framework module whose presence makes it importable)
 BUILTIN: dict[str, tuple[str, str]] = {
@@ -37,6 +37,16 @@ def register(name: str, backend: Any) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"`name` must be a non-empty string, got name={name!r}.")
     _registered[name] = backend
+    _type_cache.clear()
+
+
+def unregister(name: str) -> None:
+    """Remove a backend added with :func:`register` (built-ins and entry points stay)."""
+    if name not in _registered:
+        raise KeyError(
+            f"no backend {name!r} was registered with cabs.backends.register; registered: {sorted(_registered)}."
+        )
+    del _registered[name]
     _type_cache.clear()
 
 

@@ -168,7 +168,7 @@ def registered_toys():
         names.append(driver_class.name)
     yield names
     for name in names:
-        backends._registered.pop(name, None)
+        backends.unregister(name)
 
 
 def test_a_registered_third_party_backend_passes_the_whole_suite(registered_toys):
@@ -221,7 +221,7 @@ def test_a_backend_without_a_driver_gets_a_clear_error():
         with pytest.raises(TypeError, match="conformance_driver"):
             get_driver("driverless")
     finally:
-        backends._registered.pop("driverless", None)
+        backends.unregister("driverless")
 
 
 def test_builtin_backends_pass_statistics_on_every_problem(backend):
