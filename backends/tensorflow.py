@@ -34,8 +34,20 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from cabs._stats import GradStats
+from cabs.backends._tensorflow_layerwise import LAYERWISE, METHODS, VMAP, LayerUse, intercept_layers, sq_norms
 
-__all__ = ["BatchSums", "StatsFunction", "array_types", "devices", "grad_stats", "name", "stats_function"]
+__all__ = [
+    "METHODS",
+    "BatchSums",
+    "StatsFunction",
+    "add_batch_sums",
+    "array_types",
+    "devices",
+    "grad_stats",
+    "name",
+    "split_across_replicas",
+    "stats_function",
+]
 
 name = "tensorflow"
 
@@ -212,21 +224,25 @@ class _WhileLoopWatch(logging.Handler):
 
 
 class StatsFunction:
-    """The compiled statistics function of one ``(model, loss_fn)`` pair.
+    """The compiled statistics function of one ``(model, loss_fn, method)``.
 
     Get it with :func:`stats_function`; :func:`grad_stats` calls it. One
     ``tf.function`` is traced per input structure (shapes after the batch
-    dimension and dtypes); the batch dimension is ``None``, so changing batch
-    sizes never retrace.
+    dimension and dtypes) and kind of pass (with or without statistics); the batch
+    dimension is ``None``, so changing batch sizes, micro-batches and uneven replica
+    shares never retrace.
 
     Attributes:
         loss_fn: the per-example loss ``loss_fn(targets, outputs) -> [m]``.
+        method: ``"auto"``, ``"layerwise"`` or ``"vmap"`` (see :func:`grad_stats`).
     """
 
-    def __init__(self, model: Any, loss_fn: Callable[[Any, Any], Any]) -> None:
+    def __init__(self, model: Any, loss_fn: Callable[[Any, Any], Any], method: str = "auto") -> None:
         self._model = weakref.ref(model)
         self.loss_fn = loss_fn
+        self.method = method
         self._functions: dict[Any, Any] = {}
+        self._plans: dict[Any, dict[str, str]] = {}
         keras = sys.modules.get("keras")
         self._is_keras = keras is not None and isinstance(model, keras.Layer)
 
@@ -242,30 +258,95 @@ class StatsFunction:
         """How many times the statistics were traced, over all input structures."""
         return sum(function.experimental_get_tracing_count() for function in self._functions.values())
 
-    def __call__(self, inputs: Any, targets: Any) -> tuple[GradStats, list[Any]]:
+    def __call__(
+        self, inputs: Any, targets: Any, *, max_examples_per_pass: int | None = None
+    ) -> tuple[GradStats, list[Any]]:
         """Statistics and mean gradients of one batch; see :func:`grad_stats`."""
-        return self.finish(self.batch_sums(inputs, targets))
+        self._check_not_empty(inputs)
+        return self.finish(self.batch_sums(inputs, targets, max_examples_per_pass=max_examples_per_pass))
 
-    def batch_sums(self, inputs: Any, targets: Any) -> BatchSums:
-        """The additive sums of one batch (combine micro-batches or replicas by adding)."""
+    def gradients(
+        self, inputs: Any, targets: Any, *, max_examples_per_pass: int | None = None
+    ) -> tuple[Any, list[Any]]:
+        """A plain step without statistics: ``(mean loss, mean gradients)``.
+
+        One ordinary batched forward and backward, for the steps of a ``stats_every=k``
+        loop on which the controller is not stepped (docs/tensorflow.md).
+        """
+        self._check_not_empty(inputs)
+        sums = self.batch_sums(inputs, targets, max_examples_per_pass=max_examples_per_pass, compute_stats=False)
+        stats, gradients = self.finish(sums)
+        return stats.loss, gradients
+
+    def plan(self, inputs: Any, targets: Any) -> dict[str, str]:
+        """The path each trainable variable takes for inputs of this structure.
+
+        Traces the function if needed (no computation runs).
+
+        Returns:
+            ``{variable path: "layerwise" | "vmap"}``; ``"vmap"`` marks the exact
+            vectorised per-example path (a layer without a rule, or a variable used more
+            than once).
+        """
+        function, key = self._function(*self._prepare(inputs, targets), compute_stats=True)
+        return dict(self._plans[key])
+
+    def batch_sums(
+        self,
+        inputs: Any,
+        targets: Any,
+        *,
+        max_examples_per_pass: int | None = None,
+        compute_stats: bool = True,
+    ) -> BatchSums:
+        """The additive sums of one batch (combine micro-batches or replicas by adding).
+
+        Args:
+            inputs: a tensor or nest of tensors, batch on axis 0 (may be empty).
+            targets: a tensor or nest of tensors, batch on axis 0.
+            max_examples_per_pass: split the batch into passes of at most this many
+                examples whose sums are added: the result is that of the whole batch,
+                while memory is that of one pass. Needs a known batch size.
+            compute_stats: False skips the per-example norms (one plain backward);
+                ``sq_norm_sum`` is then NaN.
+        """
+        inputs, targets = self._prepare(inputs, targets)
+        if max_examples_per_pass is None:
+            function, _ = self._function(inputs, targets, compute_stats=compute_stats)
+            return function(inputs, targets)
+        count = _known_batch_size(inputs, targets, max_examples_per_pass)
+        function, _ = self._function(inputs, targets, compute_stats=compute_stats)
+        total = None
+        for start in range(0, max(count, 1), max_examples_per_pass):
+            sums = function(*_slice((inputs, targets), start, start + max_examples_per_pass))
+            total = sums if total is None else add_batch_sums(total, sums)
+        return total
+
+    def distributed_batch_sums(
+        self, strategy: Any, inputs: Any, targets: Any, *, compute_stats: bool = True
+    ) -> BatchSums:
+        """The sums of a global batch spread over a ``tf.distribute`` strategy's replicas.
+
+        Each replica forms the sums of its own share (possibly empty); ``strategy.reduce``
+        adds them. Call it in cross-replica context, preferably inside a ``tf.function``.
+
+        Args:
+            strategy: e.g. ``tf.distribute.MirroredStrategy()`` whose scope created the model.
+            inputs: per-replica values, e.g. from :func:`split_across_replicas`.
+            targets: per-replica values.
+            compute_stats: as in :meth:`batch_sums`.
+
+        Returns:
+            :class:`BatchSums` of the global batch, ready for :meth:`finish`.
+        """
         tf = _tf()
-        inputs = tf.nest.map_structure(tf.convert_to_tensor, inputs)
-        targets = tf.nest.map_structure(tf.convert_to_tensor, targets)
-        self._check_batch(inputs, targets)
-        model = self.model
-        self._build(model, inputs)
-        variables = model.trainable_variables
-        if not variables:
-            raise ValueError(
-                f"`model` must have trainable variables, got {type(model).__name__} with none. "
-                f"Build the model (call it once on a batch) and check that its layers are trainable."
-            )
-        specs = (tf.nest.map_structure(_spec, inputs), tf.nest.map_structure(_spec, targets))
-        key = (repr(specs), tuple(id(variable) for variable in variables))
-        function = self._functions.get(key)
-        if function is None:
-            function = self._trace(specs, key)
-        return function(inputs, targets)
+
+        def replica_sums(replica_inputs: Any, replica_targets: Any) -> BatchSums:
+            return self.batch_sums(replica_inputs, replica_targets, compute_stats=compute_stats)
+
+        per_replica = strategy.run(replica_sums, args=(inputs, targets))
+        total = tf.distribute.ReduceOp.SUM
+        return tf.nest.map_structure(lambda value: strategy.reduce(total, value, axis=None), per_replica)
 
     def finish(self, sums: BatchSums) -> tuple[GradStats, list[Any]]:
         """Form :class:`cabs.GradStats` and the mean gradients from (combined) sums."""
@@ -281,6 +362,29 @@ class StatsFunction:
         ]
         return stats, gradients
 
+    def _prepare(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
+        tf = _tf()
+        inputs = tf.nest.map_structure(tf.convert_to_tensor, inputs)
+        targets = tf.nest.map_structure(tf.convert_to_tensor, targets)
+        self._check_batch(inputs, targets)
+        self._build(self.model, inputs)
+        return inputs, targets
+
+    def _function(self, inputs: Any, targets: Any, *, compute_stats: bool) -> tuple[Any, Any]:
+        tf = _tf()
+        variables = self.model.trainable_variables
+        if not variables:
+            raise ValueError(
+                f"`model` must have trainable variables, got {type(self.model).__name__} with none. "
+                f"Build the model (call it once on a batch) and check that its layers are trainable."
+            )
+        specs = (tf.nest.map_structure(_spec, inputs), tf.nest.map_structure(_spec, targets))
+        key = (repr(specs), tuple(id(variable) for variable in variables), compute_stats)
+        function = self._functions.get(key)
+        if function is None:
+            function = self._trace(specs, key, compute_stats)
+        return function, key
+
     def _check_batch(self, inputs: Any, targets: Any) -> None:
         tf = _tf()
         # Inside a caller's tf.function the batch size may be unknown (None); only known sizes are compared.
@@ -290,19 +394,32 @@ class StatsFunction:
                 f"`inputs` and `targets` must hold the same number of examples along axis 0, got "
                 f"batch sizes {sorted(sizes)}."
             )
-        if sizes == {0}:
-            raise ValueError("`inputs` must hold at least one example, got batch size 0.")
+
+    def _check_not_empty(self, inputs: Any) -> None:
+        tf = _tf()
+        sizes = {getattr(tensor, "shape", (None,))[0] for tensor in tf.nest.flatten(inputs)}
+        if 0 in sizes:
+            raise ValueError(
+                "`inputs` must hold at least one example, got batch size 0. An empty share is fine for "
+                "batch_sums (e.g. one replica's), but statistics need the sums of a non-empty batch."
+            )
 
     def _build(self, model: Any, inputs: Any) -> None:
         """Create a lazily built model's variables eagerly, outside the traced function."""
         if self._is_keras and not model.built:
             model(_tf().nest.map_structure(lambda tensor: tensor[:1], inputs), training=False)
 
-    def _trace(self, specs: Any, key: Any) -> Any:
+    def _trace(self, specs: Any, key: Any, compute_stats: bool) -> Any:
         tf = _tf()
         layers = _keras_layers(self.model)
         _check_layers(layers)
-        function = tf.function(self._sums, input_signature=specs, autograph=False)
+
+        def sums(inputs: Any, targets: Any) -> BatchSums:
+            if not compute_stats:
+                return self._plain_sums(inputs, targets)
+            return self._statistics_sums(inputs, targets, key)
+
+        function = tf.function(sums, input_signature=specs, autograph=False)
         watch = _WhileLoopWatch()
         logger = logging.getLogger("tensorflow")
         logger.addHandler(watch)
@@ -321,17 +438,100 @@ class StatsFunction:
             convs = [layer.name for layer in layers if "Conv" in type(layer).__name__ and not _is_patch_conv(layer)]
             raise ValueError(
                 f"per-example gradients of this model would need a per-example loop: {watch.messages[0]}. "
-                f"Conv2D layers (groups=1) are supported exactly; other convolution layers are not yet"
-                f"{' (found: ' + ', '.join(convs) + ')' if convs else ''}. Use Conv2D."
+                f"Conv1D and Conv2D layers (groups=1) are supported exactly; other convolution layers only "
+                f"where they take the layer-wise path (not tied){' (found: ' + ', '.join(convs) + ')' if convs else ''}."
             )
         self._functions[key] = function
         return function
 
-    def _sums(self, inputs: Any, targets: Any) -> BatchSums:
+    def _forward(self, model: Any, inputs: Any, targets: Any) -> Any:
+        """Per-example losses ``[m]`` of a batch (or of one example expanded to a batch of 1)."""
+        outputs = model(inputs, training=True) if self._is_keras else model(inputs)
+        return self._per_example_losses(targets, outputs)
+
+    def _plain_sums(self, inputs: Any, targets: Any) -> BatchSums:
+        """One ordinary batched backward: gradient sums and loss sum, no per-example norms."""
         tf = _tf()
         model = self.model
         variables = model.trainable_variables
         dtype = _accumulation_dtype(variables)
+        with tf.GradientTape() as tape:
+            losses = self._forward(model, inputs, targets)
+            loss = tf.reduce_sum(losses)
+        gradients = _dense_gradients(tape.gradient(loss, variables), variables, dtype)
+        return BatchSums(
+            count=tf.cast(tf.shape(losses)[0], dtype),
+            loss_sum=tf.reduce_sum(tf.cast(losses, dtype)),
+            sq_norm_sum=tf.constant(float("nan"), dtype),
+            grad_sums=gradients,
+        )
+
+    def _statistics_sums(self, inputs: Any, targets: Any, key: Any) -> BatchSums:
+        tf = _tf()
+        model = self.model
+        variables = model.trainable_variables
+        dtype = _accumulation_dtype(variables)
+        if self.method == VMAP:
+            self._plans[key] = {_variable_name(variable): VMAP for variable in variables}
+            return self._vmap_sums(inputs, targets, variables, variables, dtype)
+        uses: list[LayerUse] = []
+        with tf.GradientTape() as tape, intercept_layers(_keras_layers(model), tape, uses):
+            losses = self._forward(model, inputs, targets)
+            loss = tf.reduce_sum(losses)
+        aliases = [(use, role, variable, alias) for use in uses for role, (variable, alias) in use.aliases.items()]
+        sources = [*variables, *(alias for *_, alias in aliases), *(use.outputs for use in uses)]
+        gradients = tape.gradient(loss, sources)
+        other_uses = gradients[: len(variables)]
+        alias_gradients = gradients[len(variables) : len(variables) + len(aliases)]
+        output_gradients = dict(zip(map(id, uses), gradients[len(variables) + len(aliases) :], strict=True))
+
+        alias_count: dict[int, int] = {}
+        sums: dict[int, Any] = {}
+        for (_, _, variable, _), gradient in zip(aliases, alias_gradients, strict=True):
+            alias_count[id(variable)] = alias_count.get(id(variable), 0) + 1
+            if gradient is not None:
+                sums[id(variable)] = sums.get(id(variable), 0) + tf.cast(tf.convert_to_tensor(gradient), dtype)
+        # Layer-wise: read only through one recorded layer call (or not at all, which contributes zero).
+        layerwise = {
+            id(variable)
+            for variable, other in zip(variables, other_uses, strict=True)
+            if other is None and alias_count.get(id(variable), 0) <= 1
+        }
+        exact = [variable for variable in variables if id(variable) not in layerwise]
+        self._plans[key] = {
+            _variable_name(variable): LAYERWISE if id(variable) in layerwise else VMAP for variable in variables
+        }
+        if exact and self.method == LAYERWISE:
+            raise ValueError(
+                f"`method` must be 'auto' or 'vmap' for this model, got method='layerwise', but these variables "
+                f"have no layer-wise rule or are used more than once: "
+                f"{', '.join(_variable_name(variable) for variable in exact)}. Use method='auto'."
+            )
+        grad_sums = []
+        for variable, other in zip(variables, other_uses, strict=True):
+            total = sums.get(id(variable), tf.zeros(variable.shape, dtype))
+            grad_sums.append(total if other is None else total + tf.cast(tf.convert_to_tensor(other), dtype))
+        norm_terms = [tf.zeros([], dtype)]
+        for use in uses:
+            if not any(id(variable) in layerwise for variable, _ in use.aliases.values()):
+                continue
+            norms = sq_norms(use, output_gradients[id(use)], dtype)
+            norm_terms += [
+                tf.reduce_sum(norms[role]) for role, (variable, _) in use.aliases.items() if id(variable) in layerwise
+            ]
+        if exact:
+            norm_terms.append(self._vmap_sums(inputs, targets, variables, exact, dtype).sq_norm_sum)
+        return BatchSums(
+            count=tf.cast(tf.shape(losses)[0], dtype),
+            loss_sum=tf.reduce_sum(tf.cast(losses, dtype)),
+            sq_norm_sum=tf.add_n(norm_terms),
+            grad_sums=grad_sums,
+        )
+
+    def _vmap_sums(self, inputs: Any, targets: Any, variables: list[Any], selected: list[Any], dtype: Any) -> BatchSums:
+        """Sums from per-example gradients of the ``selected`` variables (one tape per example, vectorised)."""
+        tf = _tf()
+        model = self.model
         convs = [layer for layer in _keras_layers(model) if _is_patch_conv(layer)]
         conv_layers: list[Any] = []
 
@@ -339,20 +539,12 @@ class StatsFunction:
             example_inputs, example_targets = example
             uses: list[_ConvUse] = []
             with tf.GradientTape() as tape, _intercept_convs(convs, uses, tape):
-                outputs = (
-                    model(_expand(example_inputs), training=True) if self._is_keras else model(_expand(example_inputs))
-                )
-                losses = self._per_example_losses(_expand(example_targets), outputs)
+                losses = self._forward(model, _expand(example_inputs), _expand(example_targets))
                 loss = tf.reduce_sum(losses)
             conv_layers[:] = [use.layer for use in uses]
-            sources = [*variables, *(use.outputs for use in uses)]
-            gradients = tape.gradient(loss, sources)
-            # A source the loss does not reach (a kernel seen only through Conv2D) gets zeros.
-            gradients = [
-                tf.zeros(source.shape, source.dtype) if gradient is None else tf.convert_to_tensor(gradient)
-                for gradient, source in zip(gradients, sources, strict=True)
-            ]
-            count = len(variables)
+            sources = [*selected, *(use.outputs for use in uses)]
+            gradients = _dense_gradients(tape.gradient(loss, sources), sources, None)
+            count = len(selected)
             conv_gradients = [gradient[0] for gradient in gradients[count:]]
             return loss, gradients[:count], [use.inputs[0] for use in uses], conv_gradients
 
@@ -360,16 +552,15 @@ class StatsFunction:
             one_example, (inputs, targets), fallback_to_while_loop=False
         )
         gradients = [tf.cast(gradient, dtype) for gradient in gradients]
-        positions = {id(variable): index for index, variable in enumerate(variables)}
+        positions = {id(variable): index for index, variable in enumerate(selected)}
         for layer, layer_inputs, output_gradients in zip(conv_layers, conv_inputs, conv_output_gradients, strict=True):
             index = positions.get(id(layer.kernel))
-            if index is None:  # a frozen kernel: its gradient is not wanted
+            if index is None:  # a frozen kernel or one on the layer-wise path: its per-example gradient is not wanted
                 continue
             gradients[index] += _conv_kernel_gradients(layer, layer_inputs, output_gradients, dtype)
-        count = tf.cast(tf.shape(losses)[0], dtype)
         sq_norm_sum = tf.add_n([tf.reduce_sum(tf.square(gradient)) for gradient in gradients])
         return BatchSums(
-            count=count,
+            count=tf.cast(tf.shape(losses)[0], dtype),
             loss_sum=tf.reduce_sum(tf.cast(losses, dtype)),
             sq_norm_sum=sq_norm_sum,
             grad_sums=[tf.reduce_sum(gradient, axis=0) for gradient in gradients],
@@ -381,18 +572,91 @@ class StatsFunction:
         if shape is None or shape.rank != 1:
             raise ValueError(
                 f"`loss_fn(targets, outputs)` must return one loss per example (shape [batch]), got shape "
-                f"{None if shape is None else list(shape)} for a batch of 1. Use a per-example loss, e.g. "
+                f"{None if shape is None else list(shape)}. Use a per-example loss, e.g. "
                 f"keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None), or "
                 f"reduce only over the non-batch axes."
             )
         return losses
 
 
+def _dense_gradients(gradients: list[Any], sources: list[Any], dtype: Any) -> list[Any]:
+    """Gradients as dense tensors (in ``dtype`` unless None); a source the loss does not reach gets zeros."""
+    tf = _tf()
+    dense = []
+    for gradient, source in zip(gradients, sources, strict=True):
+        value = tf.zeros(source.shape, source.dtype) if gradient is None else tf.convert_to_tensor(gradient)
+        dense.append(value if dtype is None else tf.cast(value, dtype))
+    return dense
+
+
+def _slice(structure: Any, start: int, stop: int) -> Any:
+    return _tf().nest.map_structure(lambda tensor: tensor[start:stop], structure)
+
+
+def _variable_name(variable: Any) -> str:
+    return getattr(variable, "path", None) or variable.name
+
+
+def _known_batch_size(inputs: Any, targets: Any, max_examples_per_pass: int) -> int:
+    tf = _tf()
+    if (
+        isinstance(max_examples_per_pass, bool)
+        or not isinstance(max_examples_per_pass, int)
+        or max_examples_per_pass < 1
+    ):
+        raise ValueError(
+            f"`max_examples_per_pass` must be a positive int or None, got max_examples_per_pass="
+            f"{max_examples_per_pass!r}. Pass e.g. 256, or None for one pass."
+        )
+    sizes = {tensor.shape[0] for tensor in tf.nest.flatten((inputs, targets))}
+    if None in sizes:
+        raise ValueError(
+            "`max_examples_per_pass` needs a batch of known size, got a batch whose size is unknown while "
+            "tracing. Call it eagerly, or give your tf.function an input_signature with a fixed batch size."
+        )
+    return sizes.pop()
+
+
+def add_batch_sums(first: BatchSums, second: BatchSums) -> BatchSums:
+    """Field-wise sum of the sums of two disjoint (micro-)batches."""
+    return BatchSums(
+        count=first.count + second.count,
+        loss_sum=first.loss_sum + second.loss_sum,
+        sq_norm_sum=first.sq_norm_sum + second.sq_norm_sum,
+        grad_sums=[a + b for a, b in zip(first.grad_sums, second.grad_sums, strict=True)],
+    )
+
+
+def split_across_replicas(strategy: Any, batch: Any) -> Any:
+    """Give each replica of ``strategy`` a contiguous share of a global batch (sizes differ by at most one).
+
+    Args:
+        strategy: a ``tf.distribute`` strategy, e.g. ``MirroredStrategy``.
+        batch: a tensor, array or nest of them, global batch on axis 0. Shares may be
+            empty when the batch is smaller than the replica count.
+
+    Returns:
+        Per-replica values for :meth:`StatsFunction.distributed_batch_sums`.
+    """
+    tf = _tf()
+    batch = tf.nest.map_structure(tf.convert_to_tensor, batch)
+    size = tf.nest.flatten(batch)[0].shape[0]
+    replicas = strategy.num_replicas_in_sync
+    bounds = [size * replica // replicas for replica in range(replicas + 1)]
+
+    def share(context: Any) -> Any:
+        replica = context.replica_id_in_sync_group
+        start, stop = bounds[replica], bounds[replica + 1]
+        return tf.nest.map_structure(lambda tensor: tf.identity(tensor[start:stop]), batch)
+
+    return strategy.experimental_distribute_values_from_function(share)
+
+
 _cache: weakref.WeakKeyDictionary[Any, dict[Any, StatsFunction]] = weakref.WeakKeyDictionary()
 
 
-def stats_function(model: Any, loss_fn: Callable[[Any, Any], Any]) -> StatsFunction:
-    """The cached :class:`StatsFunction` of ``(model, loss_fn)``, created on first use."""
+def stats_function(model: Any, loss_fn: Callable[[Any, Any], Any], *, method: str = "auto") -> StatsFunction:
+    """The cached :class:`StatsFunction` of ``(model, loss_fn, method)``, created on first use."""
     tf = _tf()
     if not isinstance(model, tf.Module) and not _keras_layers(model):
         raise TypeError(
@@ -401,15 +665,23 @@ def stats_function(model: Any, loss_fn: Callable[[Any, Any], Any]) -> StatsFunct
         )
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable as loss_fn(targets, outputs), got loss_fn={loss_fn!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got method={method!r}. Use 'auto' unless debugging.")
     functions = _cache.setdefault(model, {})
-    function = functions.get(loss_fn)
+    function = functions.get((loss_fn, method))
     if function is None:
-        function = functions[loss_fn] = StatsFunction(model, loss_fn)
+        function = functions[(loss_fn, method)] = StatsFunction(model, loss_fn, method)
     return function
 
 
 def grad_stats(
-    model: Any, loss_fn: Callable[[Any, Any], Any], inputs: Any, targets: Any
+    model: Any,
+    loss_fn: Callable[[Any, Any], Any],
+    inputs: Any,
+    targets: Any,
+    *,
+    method: str = "auto",
+    max_examples_per_pass: int | None = None,
 ) -> tuple[GradStats, list[Any]]:
     """Per-example gradient statistics and the mean gradients of one batch.
 
@@ -423,6 +695,13 @@ def grad_stats(
             from_logits=True, reduction=None)``.
         inputs: a tensor or nest of tensors with the batch on axis 0.
         targets: a tensor or nest of tensors with the batch on axis 0.
+        method: ``"auto"`` (default) gives each variable the layer-wise path where its
+            layer has a rule and the variable is used once, and the exact vectorised
+            per-example path (``"vmap"``) otherwise; ``"layerwise"`` makes a variable
+            without a rule an error; ``"vmap"`` forms every per-example gradient.
+            :meth:`StatsFunction.plan` reports the choice per variable.
+        max_examples_per_pass: split the batch into passes of at most this many
+            examples and add their sums; the result is that of the whole batch.
 
     Returns:
         ``(stats, gradients)``: :class:`cabs.GradStats` of 0-d tensors in float32
@@ -445,4 +724,4 @@ def grad_stats(
         >>> int(stats.count), len(gradients)
         (4, 2)
     """
-    return stats_function(model, loss_fn)(inputs, targets)
+    return stats_function(model, loss_fn, method=method)(inputs, targets, max_examples_per_pass=max_examples_per_pass)

@@ -229,8 +229,11 @@ def test_convolution_that_would_loop_per_example_is_an_error():
             keras.layers.Dense(2),
         ]
     )
+    # Conv1D takes the layer-wise path under method="auto"; on the vmap path pfor would loop over its kernel.
     with pytest.raises(ValueError, match="per-example loop.*conv1d_layer"):
-        cabs_tf.grad_stats(model, cross_entropy("float32"), np.ones((3, 8, 2), "float32"), np.zeros(3, "int32"))
+        cabs_tf.grad_stats(
+            model, cross_entropy("float32"), np.ones((3, 8, 2), "float32"), np.zeros(3, "int32"), method="vmap"
+        )
 
 
 def test_bad_arguments_are_errors(problems):
