@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, vmap
 
 from cabs._stats import GradStats
 
-__all__ = ["METHODS", "layerwise_grad_stats", "mean_grad", "per_example_sq_norms", "plan"]
+__all__ = ["METHODS", "check_options", "layerwise_grad_stats", "mean_grad", "per_example_sq_norms", "plan"]
 
 METHODS = ("auto", "layerwise", "vmap")
 LAYERWISE = "layerwise"
@@ -417,7 +417,9 @@ def _check_losses(losses: Any, count: int) -> None:
         )
 
 
-def _vmap_sq_norms(model: torch.nn.Module, loss_fn: Callable, keys: list[str], inputs: tuple, targets: tuple) -> Norms:
+def _vmap_sq_norms(
+    model: torch.nn.Module, loss_fn: Callable, keys: list[str], inputs: tuple, targets: tuple, chunk_size: int | None
+) -> Norms:
     """Per-example squared norms of the parameters ``keys`` only, from per-example gradients formed with vmap."""
     differentiable = {key: value.detach() for key, value in model.named_parameters() if key in keys}
     fixed = {key: value.detach() for key, value in model.named_parameters() if key not in differentiable}
@@ -433,7 +435,7 @@ def _vmap_sq_norms(model: torch.nn.Module, loss_fn: Callable, keys: list[str], i
     accumulate_dtype = _accumulate_dtype(dict(model.named_parameters()).values())
     count = inputs[0].shape[0]
     bytes_per_example = sum(value.numel() * max(value.element_size(), 4) for value in differentiable.values())
-    chunk = max(1, min(count, VMAP_BUDGET_BYTES // max(1, bytes_per_example)))
+    chunk = chunk_size or max(1, min(count, VMAP_BUDGET_BYTES // max(1, bytes_per_example)))
     pieces: dict[str, list[torch.Tensor]] = {key: [] for key in differentiable}
     with torch.no_grad():
         for start in range(0, count, chunk):
@@ -453,7 +455,13 @@ def _accumulate_dtype(parameters: Iterable[torch.Tensor]) -> torch.dtype:
 
 
 def _one_pass(
-    model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple, method: str, with_norms: bool = True
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    inputs: tuple,
+    targets: tuple,
+    method: str,
+    with_norms: bool = True,
+    vmap_chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, Norms]:
     """Forward and backward of the summed loss (adding to ``.grad``); per-example squared norms of every parameter.
 
@@ -488,7 +496,7 @@ def _one_pass(
             f'Use method="auto", which sends just these parameters to the exact vmap path.'
         )
     if exact_keys:
-        norms.update(_vmap_sq_norms(model, loss_fn, exact_keys, inputs, targets))
+        norms.update(_vmap_sq_norms(model, loss_fn, exact_keys, inputs, targets, vmap_chunk_size))
     return loss_sum, norms
 
 
@@ -506,7 +514,8 @@ def _as_tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _check_options(method: str, max_examples_per_pass: int | None) -> None:
+def check_options(method: str, max_examples_per_pass: int | None) -> None:
+    """Raise ``ValueError`` for an unknown ``method`` or a ``max_examples_per_pass`` that is not a positive int."""
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got method={method!r}.")
     if max_examples_per_pass is not None and (
@@ -528,6 +537,7 @@ def _accumulated_passes(
     method: str,
     max_examples_per_pass: int | None,
     with_norms: bool,
+    vmap_chunk_size: int | None = None,
 ) -> tuple[int, torch.Tensor, dict[str, list[torch.Tensor]]]:
     """Run the passes; leave the summed gradient (in the accumulation dtype) in ``.grad``."""
     inputs, targets = _as_tuple(inputs), _as_tuple(targets)
@@ -541,7 +551,9 @@ def _accumulated_passes(
     loss_sum = None
     norms: dict[str, list[torch.Tensor]] = {}
     for chunk_inputs, chunk_targets in _chunks(inputs, targets, max_examples_per_pass):
-        chunk_loss, chunk_norms = _one_pass(model, loss_fn, chunk_inputs, chunk_targets, method, with_norms)
+        chunk_loss, chunk_norms = _one_pass(
+            model, loss_fn, chunk_inputs, chunk_targets, method, with_norms, vmap_chunk_size
+        )
         loss_sum = chunk_loss if loss_sum is None else loss_sum + chunk_loss
         for key, value in chunk_norms.items():
             norms.setdefault(key, []).append(value)
@@ -576,7 +588,7 @@ def per_example_sq_norms(
     Returns:
         A dict parameter name -> tensor [m] in the accumulation dtype. Leaves the *summed* gradient in ``.grad``.
     """
-    _check_options(method, max_examples_per_pass)
+    check_options(method, max_examples_per_pass)
     _, _, norms = _accumulated_passes(model, loss_fn, inputs, targets, method, max_examples_per_pass, True)
     return {key: torch.cat(value) for key, value in norms.items()}
 
@@ -589,6 +601,7 @@ def layerwise_grad_stats(
     *,
     method: str = "auto",
     max_examples_per_pass: int | None = None,
+    vmap_chunk_size: int | None = None,
 ) -> GradStats:
     """``GradStats`` from one ordinary forward and backward per pass; leaves the mean gradient in ``.grad``.
 
@@ -601,12 +614,15 @@ def layerwise_grad_stats(
             ``ValueError`` when a parameter has no layer rule).
         max_examples_per_pass: split the batch into passes of at most this many examples; counts, loss sums,
             gradient sums and squared norm sums add, so the result is that of the whole batch.
+        vmap_chunk_size: examples per vmap call for the parameters without a layer rule (None: a memory budget).
 
     Returns:
         :class:`cabs.GradStats` of 0-d tensors in float64 when a parameter is float64, else float32.
     """
-    _check_options(method, max_examples_per_pass)
-    count, loss_sum, norms = _accumulated_passes(model, loss_fn, inputs, targets, method, max_examples_per_pass, True)
+    check_options(method, max_examples_per_pass)
+    count, loss_sum, norms = _accumulated_passes(
+        model, loss_fn, inputs, targets, method, max_examples_per_pass, True, vmap_chunk_size
+    )
     trainable = _trainable(model)
     accumulate_dtype = _accumulate_dtype(trainable.values())
     device = loss_sum.device
@@ -639,7 +655,7 @@ def mean_grad(
 
     This is what a loop with ``stats_every=k`` runs on the steps without statistics.
     """
-    _check_options("auto", max_examples_per_pass)
+    check_options("auto", max_examples_per_pass)
     count, loss_sum, _ = _accumulated_passes(model, loss_fn, inputs, targets, VMAP, max_examples_per_pass, False)
     _divide_grads(list(_trainable(model).values()), count)
     return loss_sum / count
