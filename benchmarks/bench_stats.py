@@ -6,7 +6,7 @@ alike, a plain SGD step (forward, backward, update) and a CABS step with each st
 method (statistics, controller update, SGD update), and reports the median of several
 repetitions as a ratio to the plain step. Peak memory is measured for each method in a
 fresh process (CPU: growth of the peak resident set size during one step, from
-``resource.getrusage``; CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated
+/proc/self/status VmHWM after resetting it; CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated
 before the step), also as a ratio to the plain step. The markdown table goes to stdout and,
 with ``--output``, to a file.
 """
@@ -19,7 +19,6 @@ import inspect
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -160,9 +159,17 @@ def time_methods(model_name: str, batch_size: int, device: str, repeats: int, me
     return {key: statistics.median(value) for key, value in times.items()}
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``: resident now, ``VmHWM``: peak resident), in bytes."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _reset_peak_resident() -> None:
+    """Reset VmHWM to the current resident size (Linux >= 4.0), so the peak seen is that of what follows."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def measure_memory(model_name: str, batch_size: int, device: str, method: str) -> int | None:
@@ -180,14 +187,16 @@ def measure_memory(model_name: str, batch_size: int, device: str, method: str) -
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    before = _resident_bytes()
+    # ru_maxrss would carry the parent's peak across fork and exec; VmHWM can be reset right before the step.
+    _reset_peak_resident()
+    before = _status_bytes("VmRSS")
     step()
-    # ru_maxrss is in KiB on Linux; it is the process's high-water mark, so only growth beyond `before` counts.
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    return max(0, _status_bytes("VmHWM") - before)
 
 
 def memory_in_fresh_process(model_name: str, batch_size: int, device: str, method: str) -> int | None:
     command = [sys.executable, __file__, "--measure-memory", model_name, str(batch_size), method, "--device", device]
+    command += ["--threads", str(torch_threads())]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["bytes"]
 
@@ -274,8 +283,17 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
     parser.add_argument("--profile", action="store_true", help="append a profile of one layer-wise step per model")
     parser.add_argument("--output", help="also write the markdown to this file")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's); 1 steadies timings on a shared machine"
+    )
     parser.add_argument("--measure-memory", nargs=3, metavar=("MODEL", "BATCH", "METHOD"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _cuda_available() -> bool:
@@ -286,6 +304,10 @@ def _cuda_available() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     arguments = parse_arguments(argv)
+    if arguments.threads:
+        import torch
+
+        torch.set_num_threads(arguments.threads)
     if arguments.measure_memory:
         model_name, batch, method = arguments.measure_memory
         print(json.dumps({"bytes": measure_memory(model_name, int(batch), arguments.device, method)}))
@@ -306,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
             results.append(row)
     memory_note = "peak extra memory of one step in a fresh process: " + (
-        "torch.cuda.max_memory_allocated" if arguments.device.startswith("cuda") else "growth of ru_maxrss (RSS)"
+        "torch.cuda.max_memory_allocated"
+        if arguments.device.startswith("cuda")
+        else "growth of the peak resident set size (VmHWM reset before the step, minus VmRSS before it)"
     )
     markdown = [
         f"Machine: {description}; load average at end {os.getloadavg()[0]:.2f}.",
