@@ -402,7 +402,8 @@ class _Capture:
                 for local_name, norms in rule(module, layer_input[start:stop], output_grad[start:stop]).items():
                     pieces.setdefault(local_name, []).append(norms)
         for local_name, norms in pieces.items():
-            self.norms[self.names[module][local_name]] = torch.cat(norms)
+            if local_name in self.names[module]:  # a frozen parameter of the layer has no entry
+                self.norms[self.names[module][local_name]] = torch.cat(norms)
 
 
 # One pass ----------------------------------------------------------------------------------------

@@ -248,6 +248,17 @@ def test_both_forms_of_the_convolution_rule_equal_the_loop(case, form):
     np.testing.assert_allclose(compute(layer, padded, output_grads).numpy(), expected, rtol=RTOL)
 
 
+def test_frozen_parameters_are_left_out():
+    model, inputs, targets = build("conv2d")
+    model[0].weight.requires_grad_(False)
+    model[5].bias.requires_grad_(False)
+    expected = loop_norms(model, CROSS_ENTROPY, inputs, targets)
+    norms = layerwise.per_example_sq_norms(model, CROSS_ENTROPY, inputs, targets)
+    assert sorted(norms) == sorted(expected) and "0.weight" not in norms
+    for key, value in expected.items():
+        np.testing.assert_allclose(norms[key].numpy(), value, rtol=RTOL, err_msg=key)
+
+
 def test_plan_names_the_method_of_each_parameter():
     model, inputs, _ = build("fallback_custom")
     assert layerwise.plan(model) == {
