@@ -22,7 +22,10 @@ across micro-batches and across devices:
   (``shard_map``); each device forms the sums of its share and one ``lax.psum``
   adds them, so every device forms the same statistics of the global batch.
 
-A faster per-example norm method replaces only :func:`batch_sums`.
+A faster per-example norm method replaces only :func:`batch_sums`: ``method="auto"``
+(the default) computes the squared norms layer-wise, from each layer's inputs and
+output gradients, for every parameter with a rule, and by ``vmap`` for the rest
+(see ``backends/_jax_layerwise.py`` and :func:`explain`).
 
 Example:
     >>> import jax.numpy as jnp
@@ -60,6 +63,7 @@ __all__ = [
     "bucket_size",
     "data_mesh",
     "devices",
+    "explain",
     "finish",
     "grad_stats",
     "pad_batch",
@@ -69,6 +73,8 @@ name = "jax"
 
 # Smallest bucket of the default power-of-two policy: CABS's default minimum batch size.
 _SMALLEST_POWER_OF_TWO_BUCKET = 16
+# How per-example squared norms are computed; see batch_sums.
+METHODS = ("auto", "layerwise", "vmap")
 # grad_stats() keeps this many compiled StatsFunctions (one per loss function and policy).
 _CACHE_LIMIT = 16
 
@@ -288,7 +294,32 @@ def _scalar_loss(loss_fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any
     return checked
 
 
-def batch_sums(loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, mask: Any) -> BatchSums:
+def _check_method(method: Any) -> str:
+    if method not in METHODS:
+        raise ValueError(
+            f"`method` must be one of {METHODS}, got method={method!r}. "
+            f'"auto" uses layer-wise norms where a rule applies and vmap for the other parameters.'
+        )
+    return method
+
+
+def explain(loss_fn: Callable[[Any, Any], Any], params: Any, example: Any, method: str = "auto") -> dict[str, str]:
+    """The method (``"layerwise"`` or ``"vmap"``) each parameter leaf takes, keyed by its pytree path.
+
+    Args:
+        loss_fn: ``loss_fn(params, example) -> scalar``, the loss of ONE example.
+        params: pytree of floating arrays.
+        example: one example (no batch axis), or ``jax.ShapeDtypeStruct`` leaves of its shapes.
+        method: as for :class:`StatsFunction`.
+    """
+    from cabs.backends import _jax_layerwise  # imported late: it imports this module
+
+    return _jax_layerwise.explain(loss_fn, params, example, _check_method(method))
+
+
+def batch_sums(
+    loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, mask: Any, *, method: str = "vmap"
+) -> BatchSums:
     """Sums over the examples where ``mask`` is True, from exact per-example gradients.
 
     Pure and traceable: call it inside your own ``jax.jit``. Padded examples are
@@ -300,10 +331,17 @@ def batch_sums(loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, mask
         params: pytree of floating arrays.
         batch: pytree of arrays with the (padded) batch on axis 0.
         mask: bool vector, True for real examples.
+        method: ``"vmap"`` (default here: ``jax.vmap(jax.value_and_grad(loss_fn))``),
+            ``"auto"`` (layer-wise norms where a rule applies, vmap for the other
+            leaves) or ``"layerwise"`` (a ``ValueError`` if a leaf has no rule).
 
     Returns:
         :class:`BatchSums` in the accumulation dtype (:func:`accumulation_dtype`).
     """
+    if _check_method(method) != "vmap":
+        from cabs.backends import _jax_layerwise  # imported late: it imports this module
+
+        return _jax_layerwise.layerwise_batch_sums(loss_fn, params, batch, mask, method=method)
     dtype = accumulation_dtype(params)
     per_example = jax.vmap(jax.value_and_grad(_scalar_loss(loss_fn)), in_axes=(None, 0))
     losses, grads = per_example(params, batch)
@@ -364,7 +402,9 @@ def _padded_layout(size: int, shard_count: int, max_examples_per_pass: int | Non
     return chunk_size * chunk_count * shard_count, chunk_size
 
 
-def _chunked_sums(loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, mask: Any, chunk_size: int) -> BatchSums:
+def _chunked_sums(
+    loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, mask: Any, chunk_size: int, method: str = "vmap"
+) -> BatchSums:
     """:func:`batch_sums` over consecutive chunks of ``chunk_size`` rows, added up in a ``lax.scan``.
 
     The scan body is traced once, so the per-example gradients of only one chunk
@@ -372,7 +412,7 @@ def _chunked_sums(loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, m
     """
     chunk_count = mask.shape[0] // chunk_size
     if chunk_count == 1:
-        return batch_sums(loss_fn, params, batch, mask)
+        return batch_sums(loss_fn, params, batch, mask, method=method)
 
     def split(leaf: Any) -> Any:
         return jnp.reshape(leaf, (chunk_count, chunk_size, *leaf.shape[1:]))
@@ -381,11 +421,11 @@ def _chunked_sums(loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, m
 
     def add_chunk(total: BatchSums, chunk: Any) -> tuple[BatchSums, None]:
         chunk_batch, chunk_mask = chunk
-        sums = batch_sums(loss_fn, params, chunk_batch, chunk_mask)
+        sums = batch_sums(loss_fn, params, chunk_batch, chunk_mask, method=method)
         return jax.tree_util.tree_map(jnp.add, total, sums), None
 
     first = jax.tree_util.tree_map(lambda leaf: leaf[0], chunks)
-    shapes = jax.eval_shape(lambda chunk: batch_sums(loss_fn, params, *chunk), first)
+    shapes = jax.eval_shape(lambda chunk: batch_sums(loss_fn, params, *chunk, method=method), first)
     zeros = jax.tree_util.tree_map(lambda shape: jnp.zeros(shape.shape, shape.dtype), shapes)
     total, _ = jax.lax.scan(add_chunk, zeros, chunks)
     return total
@@ -454,6 +494,14 @@ class StatsFunction:
             Each device forms the sums of its share and one all-reduce (``psum``)
             adds them. ``None`` (default): JAX's default device.
         data_axis: the mesh axis the batch is split over. Default ``"data"``.
+        method: how the per-example squared norms are computed. ``"auto"``
+            (default): layer-wise, from each layer's input and output gradient in
+            one backward pass, for every parameter read once by a dense, conv,
+            embedding or element-wise (bias, norm scale) operation, and by vmap for
+            the other parameters (tied weights, operations without a rule); exact
+            either way. ``"layerwise"``: the same, but a ``ValueError`` names any
+            parameter without a rule. ``"vmap"``: per-example gradients of every
+            parameter. :func:`explain` reports the choice per parameter.
 
     Example:
         >>> import jax.numpy as jnp
@@ -476,6 +524,7 @@ class StatsFunction:
         max_examples_per_pass: int | None = None,
         mesh: jax.sharding.Mesh | None = None,
         data_axis: str = "data",
+        method: str = "auto",
     ):
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(params, example), got loss_fn={loss_fn!r}.")
@@ -497,6 +546,7 @@ class StatsFunction:
         self.max_examples_per_pass = max_examples_per_pass
         self.mesh = mesh
         self.data_axis = data_axis
+        self.method = _check_method(method)
         self._trace_count = 0
         self._compiled = jax.jit(self._statistics)
 
@@ -515,7 +565,7 @@ class StatsFunction:
         batch = jax.tree_util.tree_map(lambda leaf: _pad_rows(leaf, padded_size), batch)
         mask = _pad_rows(mask, padded_size, fill=False)
         if self.mesh is None:
-            return finish(_chunked_sums(self.loss_fn, params, batch, mask, chunk_size), params)
+            return finish(_chunked_sums(self.loss_fn, params, batch, mask, chunk_size, self.method), params)
         return self._sharded_statistics(params, batch, mask, chunk_size)
 
     def _sharded_statistics(self, params: Any, batch: Any, mask: Any, chunk_size: int) -> tuple[GradStats, Any]:
@@ -524,7 +574,7 @@ class StatsFunction:
         replicated = jax.sharding.PartitionSpec()
 
         def per_device(params: Any, batch: Any, mask: Any) -> tuple[GradStats, Any]:
-            local = _chunked_sums(self.loss_fn, params, batch, mask, chunk_size)
+            local = _chunked_sums(self.loss_fn, params, batch, mask, chunk_size, self.method)
             return finish(jax.lax.psum(local, self.data_axis), params)
 
         # check_vma=False: with it on, JAX would treat the replicated params as varying
@@ -608,7 +658,8 @@ class StatsFunction:
     def __repr__(self) -> str:
         return (
             f"StatsFunction({self.loss_fn!r}, buckets={self.buckets!r}, max_batch_size={self.max_batch_size!r}, "
-            f"max_examples_per_pass={self.max_examples_per_pass!r}, mesh={self.mesh!r}, data_axis={self.data_axis!r})"
+            f"max_examples_per_pass={self.max_examples_per_pass!r}, mesh={self.mesh!r}, data_axis={self.data_axis!r}, "
+            f"method={self.method!r})"
         )
 
 
@@ -625,6 +676,7 @@ def grad_stats(
     max_examples_per_pass: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
+    method: str = "auto",
 ) -> tuple[GradStats, Any]:
     """Gradient moment statistics and mean gradient of a per-example loss over a batch.
 
@@ -642,13 +694,14 @@ def grad_stats(
         max_examples_per_pass: chunk limit for micro-batching, see :class:`StatsFunction`.
         mesh: devices to run data-parallel on, see :class:`StatsFunction`.
         data_axis: the mesh axis the batch is split over.
+        method: ``"auto"``, ``"layerwise"`` or ``"vmap"``, see :class:`StatsFunction`.
 
     Returns:
         ``(GradStats, mean_grad)``: ``GradStats(count, loss, grad_sq_norm,
         sq_norm_sum)`` as 0-d JAX arrays (float32, or float64 for float64 params)
         and the mean gradient, a pytree like ``params``.
     """
-    key = (loss_fn, repr(buckets), max_batch_size, max_examples_per_pass, mesh, data_axis)
+    key = (loss_fn, repr(buckets), max_batch_size, max_examples_per_pass, mesh, data_axis, method)
     stats_fn = _cache.pop(key, None)
     if stats_fn is None:
         stats_fn = StatsFunction(
@@ -658,6 +711,7 @@ def grad_stats(
             max_examples_per_pass=max_examples_per_pass,
             mesh=mesh,
             data_axis=data_axis,
+            method=method,
         )
     _cache[key] = stats_fn
     while len(_cache) > _CACHE_LIMIT:

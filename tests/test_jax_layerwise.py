@@ -266,3 +266,63 @@ def test_equals_the_vmap_batch_sums_of_the_adapter(rng):
     got = layerwise_sums(mlp_loss, params, batch, mask)
     np.testing.assert_allclose(float(got.sq_norm_sum), float(expected.sq_norm_sum), rtol=RTOL)
     np.testing.assert_allclose(float(got.loss_sum), float(expected.loss_sum), rtol=RTOL)
+
+
+# --- through the adapter: StatsFunction / grad_stats with method= ---------------------------
+
+
+def conv_model_loss(params, example):
+    out = lax.conv_general_dilated(example["x"][None], params["kernel"], (2,), [(1, 1)])[0]
+    hidden = jnp.tanh(out + params["bias"][:, None])
+    logits = jnp.reshape(hidden, (-1,)) @ params["dense"]
+    return jax.nn.logsumexp(logits) - logits[example["label"]]
+
+
+def conv_model_setup(rng, size):
+    params = {
+        "kernel": jnp.asarray(rng.normal(size=(3, 2, 3))),
+        "bias": jnp.asarray(rng.normal(size=3)),
+        "dense": jnp.asarray(rng.normal(size=(12, 4))),
+    }
+    batch = {"x": rng.normal(size=(size, 2, 8)), "label": rng.integers(0, 4, size=size)}
+    return params, batch
+
+
+def test_stats_function_compiles_once_per_bucket_with_layerwise(rng):
+    params, batch = conv_model_setup(rng, 30)
+    stats_fn = cabs_jax.StatsFunction(conv_model_loss, method="layerwise", max_batch_size=64)
+    for size in (20, 25, 30):
+        part = jax.tree_util.tree_map(lambda leaf, size=size: leaf[:size], batch)
+        stats, mean_grad = stats_fn(params, part)
+        loss_sum, grad_sum, square_norm_sum = reference_sums(conv_model_loss, params, part, size)
+        np.testing.assert_allclose(float(stats.sq_norm_sum), square_norm_sum, rtol=RTOL)
+        np.testing.assert_allclose(float(stats.loss), loss_sum / size, rtol=RTOL)
+        for got, expected in zip(jax.tree_util.tree_leaves(mean_grad), grad_sum, strict=True):
+            np.testing.assert_allclose(np.asarray(got), expected / size, rtol=RTOL, atol=1e-12)
+    assert stats_fn.compile_count == 1
+
+
+@pytest.mark.parametrize("method", ["auto", "layerwise", "vmap"])
+def test_grad_stats_methods_agree_with_chunks_and_on_a_mesh(rng, method):
+    params, batch = conv_model_setup(rng, 11)
+    reference, reference_grad = cabs_jax.grad_stats(conv_model_loss, params, batch, method="vmap", buckets="exact")
+    options = [{"max_examples_per_pass": 4}, {"mesh": cabs_jax.data_mesh(jax.devices()[:2])}]
+    for option in options:
+        stats, mean_grad = cabs_jax.grad_stats(conv_model_loss, params, batch, method=method, **option)
+        assert int(stats.count) == 11
+        for name in ("loss", "grad_sq_norm", "sq_norm_sum"):
+            np.testing.assert_allclose(float(getattr(stats, name)), float(getattr(reference, name)), rtol=RTOL)
+        for got, expected in zip(
+            jax.tree_util.tree_leaves(mean_grad), jax.tree_util.tree_leaves(reference_grad), strict=True
+        ):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=RTOL, atol=1e-12)
+
+
+def test_adapter_explain_and_bad_method(rng):
+    params, batch = tied_setup(rng)
+    example = jax.tree_util.tree_map(lambda leaf: leaf[0], batch)
+    assert cabs_jax.explain(tied_loss, params, example) == {"['table']": "vmap", "['w']": "layerwise"}
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        cabs_jax.StatsFunction(tied_loss, method="fast")
+    with pytest.raises(ValueError, match=r"\['table'\]"):
+        cabs_jax.grad_stats(tied_loss, params, batch, method="layerwise")
