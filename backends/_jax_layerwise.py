@@ -154,7 +154,8 @@ def _consumers(jaxpr: Any) -> dict[Any, list[tuple[int, int]]]:
 
 def _is_norm_preserving(eqn: Any) -> bool:
     """True when the step only moves or casts entries (floating to floating), so gradient norms are kept."""
-    if eqn.primitive.name not in _LAYOUT_STEPS or len(eqn.invars) != 1:
+    size_kept = eqn.primitive.name == "broadcast_in_dim"  # adding axes of size 1 only (expand_dims)
+    if (eqn.primitive.name not in _LAYOUT_STEPS and not size_kept) or len(eqn.invars) != 1:
         return False
     source, target = eqn.invars[0].aval, eqn.outvars[0].aval
     if eqn.primitive.name == "convert_element_type":

@@ -326,3 +326,16 @@ def test_adapter_explain_and_bad_method(rng):
         cabs_jax.StatsFunction(tied_loss, method="fast")
     with pytest.raises(ValueError, match=r"\['table'\]"):
         cabs_jax.grad_stats(tied_loss, params, batch, method="layerwise")
+
+
+def test_parameter_reshaped_and_expanded_before_use(rng):
+    def loss_fn(params, example):
+        # A vector weight made a column (an added axis of size 1), and a flat weight reshaped to a matrix.
+        column = example["x"] @ params["vector"][:, None]
+        matrix = jnp.reshape(params["flat"], (3, 2)).T
+        return jnp.sum(jnp.cos(column * (example["x"] @ matrix.T)))
+
+    params = {"vector": jnp.asarray(rng.normal(size=3)), "flat": jnp.asarray(rng.normal(size=6))}
+    batch = {"x": rng.normal(size=(4, 5, 3))}
+    assert set(methods(loss_fn, params, batch).values()) == {"layerwise"}
+    assert_exact(loss_fn, params, batch)
