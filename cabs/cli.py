@@ -60,7 +60,7 @@ def _add_train_parser(commands: Any) -> None:
         "train",
         help="train a small network with CABS",
         description="Train a small network with CABS (SGD with a coupled adaptive batch size) and write "
-        "metrics.jsonl, summary.json and training.png into --out. Without options: an MLP on the embedded "
+        "metrics.jsonl, summary.json and training.png into --out. Without options: a small 1-D CNN on the embedded "
         "MNIST-1D data set with PyTorch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -99,7 +99,7 @@ def test_train_writes_metrics_summary_and_figure(backend, tmp_path, cli_env):
 
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
-    assert (summary["backend"], summary["dataset"], summary["model"], summary["seed"]) == (backend, "mnist1d", "mlp", 3)
+    assert (summary["backend"], summary["dataset"], summary["model"], summary["seed"]) == (backend, "mnist1d", "cnn", 3)
     assert summary["steps"] == 8
     assert summary["examples_seen"] == records[-1]["examples_seen"]
     assert summary["final_batch_size"] == batch_sizes[-1]

@@ -40,7 +40,7 @@ __all__ = ["BACKENDS", "DEFAULT_STEPS", "Task", "TrainConfig", "make_task", "tra
 BACKENDS = ("torch", "jax", "tensorflow")
 # Task classes by backend; each module imports its framework, so it is imported only when chosen.
 _TASKS = {"torch": "TorchTask", "jax": "JaxTask", "tensorflow": "TensorFlowTask"}
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 1000
 DEFAULT_EVALUATIONS = 20
 
 
@@ -77,7 +77,7 @@ class TrainConfig:
     backend: str = "torch"
     dataset: str = "mnist1d"
     data_dir: str | None = None
-    model: str = "mlp"
+    model: str = "cnn"
     learning_rate: float = 0.1
     min_batch_size: int = 16
     max_batch_size: int = 2048
