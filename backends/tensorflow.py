@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 from cabs._stats import GradStats
 from cabs.backends._tensorflow_layerwise import LAYERWISE, METHODS, VMAP, LayerUse, intercept_layers, sq_norms
+from cabs.data import shard_bounds
 
 __all__ = [
     "METHODS",
@@ -628,7 +629,10 @@ def add_batch_sums(first: BatchSums, second: BatchSums) -> BatchSums:
 
 
 def split_across_replicas(strategy: Any, batch: Any) -> Any:
-    """Give each replica of ``strategy`` a contiguous share of a global batch (sizes differ by at most one).
+    """Give each replica of ``strategy`` its contiguous share of a global batch.
+
+    The shares are those of :func:`cabs.data.shard_bounds` (in replica order, sizes
+    differing by at most one), so they match :class:`cabs.data.DistributedBatchSampler`.
 
     Args:
         strategy: a ``tf.distribute`` strategy, e.g. ``MirroredStrategy``.
@@ -642,11 +646,9 @@ def split_across_replicas(strategy: Any, batch: Any) -> Any:
     batch = tf.nest.map_structure(tf.convert_to_tensor, batch)
     size = tf.nest.flatten(batch)[0].shape[0]
     replicas = strategy.num_replicas_in_sync
-    bounds = [size * replica // replicas for replica in range(replicas + 1)]
 
     def share(context: Any) -> Any:
-        replica = context.replica_id_in_sync_group
-        start, stop = bounds[replica], bounds[replica + 1]
+        start, stop = shard_bounds(size, context.replica_id_in_sync_group, replicas)
         return tf.nest.map_structure(lambda tensor: tf.identity(tensor[start:stop]), batch)
 
     return strategy.experimental_distribute_values_from_function(share)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -204,3 +206,21 @@ def test_statistics_are_not_retraced_per_batch_size(report):
     # and none more over 50 steps whose batch and share sizes change (0 to 16 examples per replica).
     assert report["trace_count_before_steps"] <= 2 * REPLICAS
     assert report["trace_count"] == report["trace_count_before_steps"]
+
+
+def test_the_guide_script_runs(tmp_path):
+    guide = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "distributed.md").read_text()
+    (script,) = re.findall(r"^```python no-run\n(# train_mirrored\.py.*?)^```", guide, re.S | re.M)
+    (tmp_path / "train_mirrored.py").write_text(script)
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_HOME": str(tmp_path / "keras")}
+    completed = subprocess.run(
+        [sys.executable, "train_mirrored.py"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 0", "step 10", "step 20", "step 30"]
