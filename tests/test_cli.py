@@ -77,7 +77,8 @@ def read_metrics(out: Path) -> list[dict]:
 def test_train_writes_metrics_summary_and_figure(backend, tmp_path, cli_env):
     out = tmp_path / "run"
     arguments = ["train", "--backend", backend, "--steps", "8", "--eval-every", "4", "--seed", "3"]
-    arguments += ["--min-batch-size", "4", "--max-batch-size", "64", "--lr", "0.5", "--out", str(out)]
+    # A minimum of 2 lets the batch size move within the first few steps.
+    arguments += ["--min-batch-size", "2", "--initial-batch-size", "4", "--max-batch-size", "64", "--out", str(out)]
     result = run_cabs(arguments, cli_env)
     assert result.returncode == 0, result.stderr
 
@@ -85,13 +86,14 @@ def test_train_writes_metrics_summary_and_figure(backend, tmp_path, cli_env):
     assert [record["step"] for record in records] == list(range(1, 9))
     for record in records:
         assert METRIC_KEYS <= set(record), record
-        assert 4 <= record["batch_size"] <= 64
+        assert 2 <= record["batch_size"] <= 64
         assert math.isfinite(record["loss"]) and record["loss"] > 0
         assert math.isfinite(record["xi"]) and record["xi"] >= 0
         assert record["skipped"] == 0
     batch_sizes = [record["batch_size"] for record in records]
     assert [record["examples_seen"] for record in records] == np.cumsum(batch_sizes).tolist()
-    assert batch_sizes[0] == 4  # the first step uses the initial batch size, by default the minimum
+    assert batch_sizes[0] == 4  # the first step uses the initial batch size
+    assert len(set(batch_sizes)) > 1
     # The sampler follows the controller: each batch has the size the previous step asked for.
     assert batch_sizes[1:] == [record["next_batch_size"] for record in records[:-1]]
     assert [record["step"] for record in records if "test_accuracy" in record] == [4, 8]
@@ -105,9 +107,9 @@ def test_train_writes_metrics_summary_and_figure(backend, tmp_path, cli_env):
     assert summary["final_batch_size"] == batch_sizes[-1]
     assert summary["test_accuracy"] == records[-1]["test_accuracy"]
     assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["test_loss"])
-    assert summary["settings"]["learning_rate"] == 0.5
+    assert summary["settings"]["initial_batch_size"] == 4
     if backend == "jax":
-        # Batch sizes 4..64 pad to power-of-two buckets: at most one compilation per bucket.
+        # Batch sizes 2..64 pad to power-of-two buckets: at most one compilation per bucket.
         buckets = {1 << (size - 1).bit_length() for size in batch_sizes}
         assert 1 <= summary["compile_count"] <= len(buckets)
 
