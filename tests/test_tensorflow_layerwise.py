@@ -23,13 +23,16 @@ SPLIT_RTOL = 1e-12
 
 @contextlib.contextmanager
 def float64_layers():
-    # Layers created inside take float64 variables and compute in float64.
-    previous = keras.config.floatx()
+    # Layers created inside take float64 variables and compute in float64. Keras caches a global dtype
+    # policy from floatx on first use, so both are set and restored.
+    previous_floatx, previous_policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     try:
         yield
     finally:
-        keras.config.set_floatx(previous)
+        keras.config.set_floatx(previous_floatx)
+        keras.config.set_dtype_policy(previous_policy)
 
 
 def cross_entropy():
