@@ -254,7 +254,16 @@ def test_help_names_the_options(cli_env):
     assert result.returncode == 0
     for option in ("--backend", "--dataset", "--data-dir", "--model", "--lr", "--min-batch-size", "--max-batch-size"):
         assert option in result.stdout
-    for option in ("--initial-batch-size", "--steps", "--epochs", "--seed", "--out", "--eval-every", "--quiet"):
+    for option in (
+        "--initial-batch-size",
+        "--steps",
+        "--epochs",
+        "--seed",
+        "--out",
+        "--eval-every",
+        "--threads",
+        "--quiet",
+    ):
         assert option in result.stdout
 
 

@@ -72,6 +72,9 @@ class TrainConfig:
         seed: fixes the initial weights, the data order and the generated data set.
         out: folder for the output files (created).
         eval_every: evaluate on the test set every this many steps (None: about 20 times per run).
+        threads: PyTorch's CPU threads (None leaves PyTorch's default, one per core). The small
+            networks here run fastest on one: their operations are too small to split, and the
+            threads' synchronisation costs more than they save, most of all on a busy machine.
     """
 
     backend: str = "torch"
@@ -87,6 +90,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "cabs-run"
     eval_every: int | None = None
+    threads: int | None = 1
 
     def validate(self) -> None:
         """Check the settings that no library call checks; raise ValueError naming the bad one."""
@@ -96,7 +100,7 @@ class TrainConfig:
             raise ValueError(f"`model` must be one of {', '.join(models.MODELS)}, got model={self.model!r}.")
         if self.steps is not None and self.epochs is not None:
             raise ValueError(f"give `steps` or `epochs`, not both, got steps={self.steps}, epochs={self.epochs}.")
-        for name in ("steps", "epochs", "eval_every"):
+        for name in ("steps", "epochs", "eval_every", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {name}={value}.")
@@ -112,7 +116,11 @@ def make_task(config: TrainConfig, dataset: Any) -> tuple[Task, models.Architect
     module = importlib.import_module(f"cabs.training.{config.backend}")
     x_train = _shaped(dataset.x_train, architecture)
     # JAX pads batches up to size buckets; the largest bucket is the run's largest batch.
-    options = {"max_batch_size": config.max_batch_size} if config.backend == "jax" else {}
+    options: dict[str, Any] = {}
+    if config.backend == "jax":
+        options["max_batch_size"] = config.max_batch_size
+    if config.backend == "torch":
+        options["threads"] = config.threads
     task_class = getattr(module, _TASKS[config.backend])
     task = task_class(architecture, parameters, x_train, dataset.y_train, config.learning_rate, **options)
     return task, architecture

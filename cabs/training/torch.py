@@ -53,11 +53,16 @@ class TorchTask:
         x_train: training inputs, shape ``(n, *model.input_shape)``, float32.
         y_train: training labels, shape ``(n,)``, int64.
         learning_rate: the SGD step size.
+        threads: sets ``torch.set_num_threads`` (process-wide); None leaves it.
     """
 
     backend = "torch"
 
-    def __init__(self, model, parameters, x_train, y_train, learning_rate: float) -> None:
+    def __init__(
+        self, model, parameters, x_train, y_train, learning_rate: float, *, threads: int | None = None
+    ) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.network = _network(model, parameters)
         self.x_train = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
         self.y_train = torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64))
