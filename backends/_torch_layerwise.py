@@ -41,7 +41,7 @@ VMAP = "vmap"
 
 # Temporaries of one layer's norm computation (patches, Gram matrices, per-example
 # products) are formed a slice of examples at a time, keeping each under this many elements.
-TEMPORARY_BUDGET_ELEMENTS = 2**24
+TEMPORARY_BUDGET_ELEMENTS = 2**22
 # The vmap fallback forms per-example gradients of its parameters a chunk at a time, under this many bytes.
 VMAP_BUDGET_BYTES = 256 * 2**20
 
@@ -362,6 +362,7 @@ class _Capture:
             self.names.setdefault(module, {})[local_name] = key
         self.calls: dict[torch.nn.Module, int] = {}
         self.norms: Norms = {}
+        self.inputs: dict[torch.nn.Module, torch.Tensor] = {}
         self.handles: list = []
 
     def __enter__(self) -> _Capture:
@@ -383,11 +384,15 @@ class _Capture:
         if self.accumulate_dtype is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         if self.calls[module] == 1:
-            output.register_hook(lambda output_grad: self._backward_hook(module, layer_input, output_grad))
+            # Held here, not in the hook's closure, so the input is freed once its norms are done,
+            # as autograd frees saved activations during the backward, not when the graph dies.
+            self.inputs[module] = layer_input
+            output.register_hook(lambda output_grad: self._backward_hook(module, output_grad))
 
-    def _backward_hook(self, module: torch.nn.Module, layer_input: torch.Tensor, output_grad: torch.Tensor) -> None:
+    def _backward_hook(self, module: torch.nn.Module, output_grad: torch.Tensor) -> None:
+        layer_input = self.inputs.pop(module, None)
         # A module called more than once has cross terms between its calls: the vmap path takes it.
-        if self.calls[module] != 1:
+        if self.calls[module] != 1 or layer_input is None:
             return
         rule, cost = _static_rule(module)
         with torch.no_grad():

@@ -173,11 +173,12 @@ def _reset_peak_resident() -> None:
 
 
 def measure_memory(model_name: str, batch_size: int, device: str, method: str) -> int | None:
-    """Peak extra memory of one step (bytes), in this process (meant to be a fresh one)."""
+    """Peak extra memory of one step after a warm-up step (bytes), in this process (meant to be a fresh one)."""
     steps = make_steps(model_name, batch_size, device)
     if method not in steps:
         return None
     step = steps[method]
+    step()  # warm-up: measure a steady step, not first-call allocations
     if device.startswith("cuda"):
         import torch
 
@@ -197,7 +198,10 @@ def measure_memory(model_name: str, batch_size: int, device: str, method: str) -
 def memory_in_fresh_process(model_name: str, batch_size: int, device: str, method: str) -> int | None:
     command = [sys.executable, __file__, "--measure-memory", model_name, str(batch_size), method, "--device", device]
     command += ["--threads", str(torch_threads())]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    # A fixed mmap threshold returns every large block to the system on free, so the resident size
+    # follows what is live; glibc's sliding threshold otherwise keeps freed blocks and makes RSS noise.
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
     return json.loads(result.stdout.strip().splitlines()[-1])["bytes"]
 
 
