@@ -395,7 +395,8 @@ class _Capture:
         if self.calls[module] != 1 or layer_input is None:
             return
         rule, cost = _static_rule(module)
-        with torch.no_grad():
+        # Named in profiles, so the time of the statistics can be told from the ordinary backward's.
+        with torch.no_grad(), torch.profiler.record_function("cabs::layerwise_norms"):
             if layer_input.is_floating_point() and layer_input.dtype != self.accumulate_dtype:
                 layer_input = layer_input.to(self.accumulate_dtype)
             output_grad = output_grad.to(self.accumulate_dtype)
@@ -443,7 +444,7 @@ def _vmap_sq_norms(
     bytes_per_example = sum(value.numel() * max(value.element_size(), 4) for value in differentiable.values())
     chunk = chunk_size or max(1, min(count, VMAP_BUDGET_BYTES // max(1, bytes_per_example)))
     pieces: dict[str, list[torch.Tensor]] = {key: [] for key in differentiable}
-    with torch.no_grad():
+    with torch.no_grad(), torch.profiler.record_function("cabs::vmap_norms"):
         for start in range(0, count, chunk):
             grads = per_example_grads(
                 differentiable,
