@@ -196,7 +196,7 @@ def train(
     if steps is not None:
         bar = _progress_bar(steps, "step", progress)
     else:
-        bar = _progress_bar(config.epochs * len(dataset.x_train), "ex", progress)
+        bar = _progress_bar(_epoch_examples(config, len(dataset.x_train)), "ex", progress)
     start = time.perf_counter()
     try:
         for step, indices in enumerate(sampler, start=1):
@@ -259,6 +259,11 @@ def train(
     return summary
 
 
+def _epoch_examples(config: TrainConfig, num_examples: int) -> int:
+    """How many examples an epoch budget covers (0 for a step budget)."""
+    return (config.epochs or 0) * num_examples
+
+
 class _EvaluationSchedule:
     """When to evaluate: every ``eval_every`` steps, else about 20 times over the run.
 
@@ -268,7 +273,7 @@ class _EvaluationSchedule:
 
     def __init__(self, config: TrainConfig, steps: int | None, num_examples: int) -> None:
         self._every_steps = config.eval_every or (max(1, steps // DEFAULT_EVALUATIONS) if steps else None)
-        self._every_examples = None if self._every_steps else config.epochs * num_examples / DEFAULT_EVALUATIONS
+        self._every_examples = _epoch_examples(config, num_examples) / DEFAULT_EVALUATIONS
         self._next_examples = self._every_examples
 
     def due(self, step: int, examples_seen: int) -> bool:

@@ -87,12 +87,12 @@ def architecture(name: str, input_shape: tuple[int, ...], num_classes: int) -> A
     input_shape = tuple(int(size) for size in input_shape)
     if name == "mlp":
         features = math.prod(input_shape)
-        layers = (
+        dense_layers = (
             Dense(features, _MLP_WIDTH, relu=True),
             Dense(_MLP_WIDTH, _MLP_WIDTH, relu=True),
             Dense(_MLP_WIDTH, num_classes, relu=False),
         )
-        return Architecture(name, (features,), num_classes, layers)
+        return Architecture(name, (features,), num_classes, dense_layers)
     if len(input_shape) == 1:
         input_shape = (1, *input_shape)  # a vector is a 1-channel signal
     if len(input_shape) not in (2, 3):

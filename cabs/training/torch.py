@@ -38,9 +38,10 @@ def _network(model: Architecture, parameters: list[tuple[np.ndarray, np.ndarray]
     return torch.nn.Sequential(*layers)
 
 
-def _load(module: torch.nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
+def _load(module: torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Linear, weight: np.ndarray, bias: np.ndarray) -> None:
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+        assert module.bias is not None  # every layer here is built with a bias
         module.bias.copy_(torch.from_numpy(bias))
 
 
