@@ -220,7 +220,9 @@ def train(
             writer.write(record)
             records.append(record)
             bar.update(1 if steps is not None else len(indices))
-            bar.set_postfix(examples=sampler.examples_seen, batch=len(indices), loss=f"{loss:.4f}", refresh=False)
+            bar.set_postfix(
+                examples=str(sampler.examples_seen), batch=str(len(indices)), loss=f"{loss:.4f}", refresh=False
+            )
             if last:
                 break
     finally:
