@@ -54,7 +54,7 @@ def _pytest(session: nox.Session, *args: str, backends: str) -> None:
 
 
 @nox.session(python=PYTHON)
-@nox.parametrize("backend", BACKENDS)
+@nox.parametrize("backend", BACKENDS, ids=list(BACKENDS))
 def tests(session: nox.Session, backend: str) -> None:
     """Unit and property tests with only one framework installed."""
     extras = "test,cli" if backend == "numpy" else f"{backend},test,cli"
