@@ -15,6 +15,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,15 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
 
 
 def run_cabs(arguments: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    # Run outside the checkout: `-m` puts the working folder on sys.path, and the checkout's
+    # cabs/ folder (without cabs.backends) would shadow the installed package.
     return subprocess.run(
-        [sys.executable, "-m", "cabs", *arguments], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "cabs", *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tempfile.gettempdir(),
     )
 
 
@@ -232,7 +240,9 @@ def test_missing_framework_is_one_line_error(tmp_path, cli_env):
     # None in sys.modules makes `import torch` fail as if torch were not installed.
     code = "import sys; sys.modules['torch'] = None; from cabs.cli import main; sys.exit(main(sys.argv[1:]))"
     arguments = ["train", "--backend", "torch", "--steps", "2", "--out", str(tmp_path / "out")]
-    result = subprocess.run([sys.executable, "-c", code, *arguments], env=cli_env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code, *arguments], env=cli_env, capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert result.stderr.startswith("cabs: error:") and "pip install" in result.stderr
