@@ -79,16 +79,23 @@ class JaxTask:
             return _cross_entropy(_forward(model, params, example["x"][None]), example["y"][None])[0]
 
         self.stats_function = cabs_jax.StatsFunction(example_loss, max_batch_size=max_batch_size)
+        self.learning_rate = learning_rate
+        # The step size is an argument, not a constant of the compiled update, so a decay does not recompile.
         self._update = jax.jit(
-            lambda params, grads: jax.tree_util.tree_map(lambda p, g: p - learning_rate * g, params, grads)
+            lambda params, grads, step_size: jax.tree_util.tree_map(lambda p, g: p - step_size * g, params, grads)
         )
         self._evaluate_sums = jax.jit(lambda params, x, y, mask: _evaluation_sums(_forward(model, params, x), y, mask))
 
-    def step(self, indices: np.ndarray) -> tuple[GradStats, float]:
-        """One SGD step on the examples ``indices``; returns their statistics and mean loss."""
+    def step(self, indices: np.ndarray, learning_rate: float | None = None) -> tuple[GradStats, float]:
+        """One SGD step on the examples ``indices``; returns their statistics and mean loss.
+
+        ``learning_rate`` replaces the step size from this step on (a decay schedule); None keeps it.
+        """
+        if learning_rate is not None:
+            self.learning_rate = learning_rate
         batch = {"x": self.x_train[indices], "y": self.y_train[indices]}
         stats, mean_grad = self.stats_function(self.params, batch)
-        self.params = self._update(self.params, mean_grad)
+        self.params = self._update(self.params, mean_grad, np.float32(self.learning_rate))
         return stats, float(stats.loss)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

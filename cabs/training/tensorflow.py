@@ -85,8 +85,13 @@ class TensorFlowTask:
         self.stats_function = cabs_tf.stats_function(self.network, self.loss_fn)
         self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
 
-    def step(self, indices: np.ndarray) -> tuple[GradStats, float]:
-        """One SGD step on the examples ``indices``; returns their statistics and mean loss."""
+    def step(self, indices: np.ndarray, learning_rate: float | None = None) -> tuple[GradStats, float]:
+        """One SGD step on the examples ``indices``; returns their statistics and mean loss.
+
+        ``learning_rate`` replaces the step size from this step on (a decay schedule); None keeps it.
+        """
+        if learning_rate is not None:
+            self.optimizer.learning_rate.assign(learning_rate)
         inputs = tf.constant(self.x_train[indices])
         targets = tf.constant(self.y_train[indices])
         stats, gradients = self.stats_function(inputs, targets)

@@ -70,8 +70,14 @@ class TorchTask:
         self.loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
         self.optimizer = torch.optim.SGD(self.network.parameters(), lr=learning_rate)
 
-    def step(self, indices: np.ndarray) -> tuple[GradStats, float]:
-        """One SGD step on the examples ``indices``; returns their statistics and mean loss."""
+    def step(self, indices: np.ndarray, learning_rate: float | None = None) -> tuple[GradStats, float]:
+        """One SGD step on the examples ``indices``; returns their statistics and mean loss.
+
+        ``learning_rate`` replaces the step size from this step on (a decay schedule); None keeps it.
+        """
+        if learning_rate is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate
         index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         stats = cabs_torch.grad_stats(self.network, self.loss_fn, self.x_train[index], self.y_train[index])
         self.optimizer.step()
