@@ -57,6 +57,7 @@ from cabs._stats import GradStats
 __all__ = [
     "BatchSums",
     "accumulation_dtype",
+    "agree_batch_size",
     "StatsFunction",
     "array_types",
     "batch_sums",
@@ -452,6 +453,46 @@ def data_mesh(devices: Sequence[Any] | None = None, *, axis: str = "data") -> ja
     if not devices:
         raise ValueError("`devices` must name at least one device, got an empty list. Pass e.g. jax.devices().")
     return jax.sharding.Mesh(np.asarray(devices), (axis,))
+
+
+def agree_batch_size(batch_size: int, *, gather: Callable[[np.ndarray], Any] | None = None) -> int:
+    """Check that every JAX process computed the same batch size; a debugging aid for multi-host runs.
+
+    Each process of a ``jax.distributed`` job runs its own controller; they agree when
+    they are fed the same (replicated) statistics and start from the same state. Every
+    process calls this with its controller's next batch size: the values are gathered
+    from all processes (``jax.experimental.multihost_utils.process_allgather``, a few
+    bytes) and compared, and every process raises together on a mismatch. In a single
+    process (one controller for all local devices) it gathers one value and passes.
+
+    Args:
+        batch_size: this process's next (global) batch size.
+        gather: replaces the all-gather (for tests): takes this process's value as a
+            ``(1,)`` int array and returns every process's values, in process order.
+
+    Returns:
+        ``batch_size``, the same on every process.
+
+    Raises:
+        RuntimeError: the processes disagree; the message names process 0's value and
+            every differing one.
+    """
+    own = int(batch_size)
+    if gather is None:
+        from jax.experimental import multihost_utils  # only a multi-process check needs it
+
+        gather = multihost_utils.process_allgather
+    values = [int(value) for value in np.asarray(gather(np.asarray([own], dtype=np.int32))).reshape(-1)]
+    if any(value != values[0] for value in values):
+        differing = ", ".join(
+            f"process {index} has {value}" for index, value in enumerate(values) if value != values[0]
+        )
+        raise RuntimeError(
+            f"the JAX processes disagree on the batch size: process 0 has {values[0]}, {differing} "
+            f"(this is process {jax.process_index()}, with {own}). Feed every controller the statistics of the "
+            f"sharded StatsFunction, and start or restore every controller from the same state."
+        )
+    return own
 
 
 def _check_mesh(mesh: Any, data_axis: Any) -> None:

@@ -33,6 +33,8 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from cabs._stats import GradStats
 from cabs.backends._tensorflow_layerwise import LAYERWISE, METHODS, VMAP, LayerUse, intercept_layers, sq_norms
 from cabs.data import shard_bounds
@@ -42,6 +44,7 @@ __all__ = [
     "BatchSums",
     "StatsFunction",
     "add_batch_sums",
+    "agree_batch_size",
     "array_types",
     "devices",
     "grad_stats",
@@ -652,6 +655,53 @@ def split_across_replicas(strategy: Any, batch: Any) -> Any:
         return tf.nest.map_structure(lambda tensor: tf.identity(tensor[start:stop]), batch)
 
     return strategy.experimental_distribute_values_from_function(share)
+
+
+def agree_batch_size(
+    batch_size: int, *, strategy: Any = None, gather: Callable[[np.ndarray], Any] | None = None
+) -> int:
+    """Check that every worker computed the same batch size; a debugging aid for multi-worker runs.
+
+    Each worker of a ``MultiWorkerMirroredStrategy`` job runs its own controller; they
+    agree when they are fed the same reduced statistics and start from the same state.
+    Every worker calls this with its controller's next batch size: each replica
+    contributes its worker's value, ``strategy.gather`` collects them (a few bytes), and
+    every worker raises together on a mismatch. Under ``MirroredStrategy`` (one process,
+    one controller) all replicas hold the same value and the check passes.
+
+    Args:
+        batch_size: this worker's next (global) batch size.
+        strategy: the ``tf.distribute`` strategy; ``None`` is the current one.
+        gather: replaces the all-gather (for tests): takes this worker's value as a
+            ``(1,)`` int array and returns every replica's values, in replica order.
+
+    Returns:
+        ``batch_size``, the same on every worker.
+
+    Raises:
+        RuntimeError: the replicas disagree; the message names replica 0's value and
+            every differing one.
+    """
+    own = int(batch_size)
+    if gather is None:
+        tf = _tf()
+        strategy = tf.distribute.get_strategy() if strategy is None else strategy
+
+        def gather(value: np.ndarray) -> Any:
+            per_replica = strategy.run(lambda: tf.constant(value))
+            return strategy.gather(per_replica, axis=0).numpy()
+
+    values = [int(value) for value in np.asarray(gather(np.asarray([own], dtype=np.int64))).reshape(-1)]
+    if any(value != values[0] for value in values):
+        differing = ", ".join(
+            f"replica {index} has {value}" for index, value in enumerate(values) if value != values[0]
+        )
+        raise RuntimeError(
+            f"the workers disagree on the batch size: replica 0 has {values[0]}, {differing} (this worker has "
+            f"{own}). Feed every controller the statistics of distributed_batch_sums, and start or restore every "
+            f"controller from the same state."
+        )
+    return own
 
 
 _cache: weakref.WeakKeyDictionary[Any, dict[Any, StatsFunction]] = weakref.WeakKeyDictionary()
