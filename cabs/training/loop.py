@@ -42,6 +42,11 @@ BACKENDS = ("torch", "jax", "tensorflow")
 _TASKS = {"torch": "TorchTask", "jax": "JaxTask", "tensorflow": "TensorFlowTask"}
 DEFAULT_STEPS = 1000
 DEFAULT_EVALUATIONS = 20
+DEFAULT_CHECKPOINT_EVERY = 100
+DTYPES = ("float32", "float64")
+# Testing hook: the loop kills its own process with SIGKILL right after this step is logged
+# (and checkpointed, when due), so tests can crash a run at an exact step.
+KILL_AT_STEP_VARIABLE = "CABS_TEST_KILL_AT_STEP"
 
 
 class Task(Protocol):
@@ -75,6 +80,10 @@ class TrainConfig:
         threads: PyTorch's CPU threads (None leaves PyTorch's default, one per core). The small
             networks here run fastest on one: their operations are too small to split, and the
             threads' synchronisation costs more than they save, most of all on a busy machine.
+        dtype: ``"float32"`` or ``"float64"``: the network's parameters and the training data.
+        checkpoint_every: save ``checkpoint.npz`` in ``out`` every this many steps (also at the
+            end and on Ctrl-C); 0 never saves.
+        resume: continue from the checkpoint in ``out`` instead of starting over.
     """
 
     backend: str = "torch"
@@ -91,6 +100,9 @@ class TrainConfig:
     out: str = "cabs-run"
     eval_every: int | None = None
     threads: int | None = 1
+    dtype: str = "float32"
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    resume: bool = False
 
     def validate(self) -> None:
         """Check the settings that no library call checks; raise ValueError naming the bad one."""
@@ -106,11 +118,18 @@ class TrainConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {name}={value}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"`learning_rate` must be a finite number > 0, got learning_rate={self.learning_rate}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {', '.join(DTYPES)}, got dtype={self.dtype!r}.")
+        if self.checkpoint_every < 0:
+            raise ValueError(
+                f"`checkpoint_every` must be >= 0 (0: no checkpoints), got checkpoint_every={self.checkpoint_every}."
+            )
 
 
 def make_task(config: TrainConfig, dataset: Any) -> tuple[Task, models.Architecture]:
     """Build the chosen backend's task with the NumPy initial weights for ``config.seed``."""
     architecture = models.architecture(config.model, dataset.input_shape, dataset.num_classes)
+    models.check_backend(architecture, config.backend)
     parameters = models.initial_parameters(architecture, config.seed)
     backends.load(config.backend)  # a missing framework fails here, with the command that installs it
     module = importlib.import_module(f"cabs.training.{config.backend}")
@@ -121,6 +140,7 @@ def make_task(config: TrainConfig, dataset: Any) -> tuple[Task, models.Architect
         options["max_batch_size"] = config.max_batch_size
     if config.backend == "torch":
         options["threads"] = config.threads
+        options["seed"] = config.seed
     task_class = getattr(module, _TASKS[config.backend])
     task = task_class(architecture, parameters, x_train, dataset.y_train, config.learning_rate, **options)
     return task, architecture

@@ -7,7 +7,7 @@ import torch
 
 from cabs._stats import GradStats
 from cabs.backends import torch as cabs_torch
-from cabs.training.models import Architecture, Conv
+from cabs.training.models import Architecture, Conv, crop_batch
 
 __all__ = ["TorchTask"]
 
@@ -25,7 +25,9 @@ def _network(model: Architecture, parameters: list[tuple[np.ndarray, np.ndarray]
             _load(conv, weight, bias)
             layers += [conv, torch.nn.ReLU()]
             if layer.pool > 1:
-                layers.append(pool_class(layer.pool))
+                layers.append(
+                    pool_class(layer.pool, stride=layer.pool_stride or layer.pool, padding=layer.pool_padding)
+                )
             continue
         if not flattened:
             layers.append(torch.nn.Flatten())
@@ -55,16 +57,19 @@ class TorchTask:
         y_train: training labels, shape ``(n,)``, int64.
         learning_rate: the SGD step size.
         threads: sets ``torch.set_num_threads`` (process-wide); None leaves it.
+        seed: fixes the random crops of a model with ``crop`` (see :func:`cabs.training.models.crop_batch`).
     """
 
     backend = "torch"
 
     def __init__(
-        self, model, parameters, x_train, y_train, learning_rate: float, *, threads: int | None = None
+        self, model, parameters, x_train, y_train, learning_rate: float, *, threads: int | None = None, seed: int = 0
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         self.network = _network(model, parameters)
+        self.crop = model.crop
+        self._crop_generator = np.random.default_rng([seed, 0xC809])
         self.x_train = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
         self.y_train = torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64))
         self.loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
@@ -79,7 +84,10 @@ class TorchTask:
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate
         index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-        stats = cabs_torch.grad_stats(self.network, self.loss_fn, self.x_train[index], self.y_train[index])
+        inputs = self.x_train[index]
+        if self.crop is not None:
+            inputs = torch.from_numpy(crop_batch(inputs.numpy(), self.crop, self._crop_generator))
+        stats = cabs_torch.grad_stats(self.network, self.loss_fn, inputs, self.y_train[index])
         self.optimizer.step()
         return stats, float(stats.loss)
 
@@ -88,7 +96,8 @@ class TorchTask:
         loss_sum, correct = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(x), _EVAL_CHUNK):
-                inputs = torch.from_numpy(np.ascontiguousarray(x[start : start + _EVAL_CHUNK], dtype=np.float32))
+                chunk = np.ascontiguousarray(x[start : start + _EVAL_CHUNK], dtype=np.float32)
+                inputs = torch.from_numpy(chunk if self.crop is None else crop_batch(chunk, self.crop, None))
                 targets = torch.from_numpy(np.asarray(y[start : start + _EVAL_CHUNK], dtype=np.int64))
                 outputs = self.network(inputs)
                 loss_sum += float(self.loss_fn(outputs, targets).double().sum())
