@@ -545,8 +545,12 @@ def _accumulated_passes(
     max_examples_per_pass: int | None,
     with_norms: bool,
     vmap_chunk_size: int | None = None,
-) -> tuple[int, torch.Tensor, dict[str, list[torch.Tensor]]]:
-    """Run the passes; leave the summed gradient (in the accumulation dtype) in ``.grad``."""
+) -> tuple[int, torch.Tensor, dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
+    """Run the passes: count, loss sum, per-example norms and the summed gradients (at least accumulation dtype).
+
+    The summed gradient of a parameter of the accumulation dtype is its ``.grad``; a narrower parameter's
+    is a wider copy (its ``.grad`` must keep the parameter's dtype).
+    """
     inputs, targets = _as_tuple(inputs), _as_tuple(targets)
     trainable = _trainable(model)
     accumulate_dtype = _accumulate_dtype(trainable.values())
@@ -568,12 +572,14 @@ def _accumulated_passes(
             if parameter.grad is not None:
                 wide_sums[key] += parameter.grad.to(accumulate_dtype)
                 parameter.grad = None
+    grad_sums = {}
     for key, parameter in trainable.items():
         if key in narrow:
-            parameter.grad = wide_sums[key]
+            grad_sums[key] = wide_sums[key]
         elif parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)  # not used by this batch: a zero gradient
-    return inputs[0].shape[0], loss_sum, norms
+        grad_sums.setdefault(key, parameter.grad)
+    return inputs[0].shape[0], loss_sum, norms, grad_sums
 
 
 def per_example_sq_norms(
@@ -596,7 +602,8 @@ def per_example_sq_norms(
         A dict parameter name -> tensor [m] in the accumulation dtype. Leaves the *summed* gradient in ``.grad``.
     """
     check_options(method, max_examples_per_pass)
-    _, _, norms = _accumulated_passes(model, loss_fn, inputs, targets, method, max_examples_per_pass, True)
+    _, _, norms, grad_sums = _accumulated_passes(model, loss_fn, inputs, targets, method, max_examples_per_pass, True)
+    _write_mean_grads(_trainable(model), grad_sums, 1)
     return {key: torch.cat(value) for key, value in norms.items()}
 
 
@@ -627,7 +634,7 @@ def layerwise_grad_stats(
         :class:`cabs.GradStats` of 0-d tensors in float64 when a parameter is float64, else float32.
     """
     check_options(method, max_examples_per_pass)
-    count, loss_sum, norms = _accumulated_passes(
+    count, loss_sum, norms, grad_sums = _accumulated_passes(
         model, loss_fn, inputs, targets, method, max_examples_per_pass, True, vmap_chunk_size
     )
     trainable = _trainable(model)
@@ -639,9 +646,8 @@ def layerwise_grad_stats(
             sq_norm_sum += value.sum()
     with torch.no_grad():
         # From the summed gradients, before they are narrowed; multi-tensor kernels keep small steps fast.
-        wide_grads = [parameter.grad.to(accumulate_dtype) for parameter in trainable.values()]
-        grad_sq_norm = torch.stack(torch._foreach_norm(wide_grads)).pow(2).sum() / (count * count)
-    _divide_grads(list(trainable.values()), count)
+        grad_sq_norm = torch.stack(torch._foreach_norm(list(grad_sums.values()))).pow(2).sum() / (count * count)
+    _write_mean_grads(trainable, grad_sums, count)
     return GradStats(
         count=torch.tensor(count, dtype=torch.int64, device=device),
         loss=loss_sum / count,
@@ -663,16 +669,19 @@ def mean_grad(
     This is what a loop with ``stats_every=k`` runs on the steps without statistics.
     """
     check_options("auto", max_examples_per_pass)
-    count, loss_sum, _ = _accumulated_passes(model, loss_fn, inputs, targets, VMAP, max_examples_per_pass, False)
-    _divide_grads(list(_trainable(model).values()), count)
+    count, loss_sum, _, grad_sums = _accumulated_passes(
+        model, loss_fn, inputs, targets, VMAP, max_examples_per_pass, False
+    )
+    _write_mean_grads(_trainable(model), grad_sums, count)
     return loss_sum / count
 
 
-def _divide_grads(parameters: list[torch.Tensor], count: int) -> None:
-    """Summed gradients (in the accumulation dtype for narrow parameters) -> mean gradients in the parameter dtype."""
+def _write_mean_grads(trainable: dict[str, torch.Tensor], grad_sums: dict[str, torch.Tensor], count: int) -> None:
+    """``.grad`` = summed gradient / count, in the parameter's dtype."""
     with torch.no_grad():
-        same_dtype = [parameter.grad for parameter in parameters if parameter.grad.dtype == parameter.dtype]
-        torch._foreach_div_(same_dtype, count)
-        for parameter in parameters:
-            if parameter.grad.dtype != parameter.dtype:
-                parameter.grad = (parameter.grad / count).to(parameter.dtype)
+        in_place = [grad_sums[key] for key, value in trainable.items() if grad_sums[key] is value.grad]
+        if in_place:
+            torch._foreach_div_(in_place, count)  # one multi-tensor kernel keeps small steps fast
+        for key, parameter in trainable.items():
+            if grad_sums[key] is not parameter.grad:
+                parameter.grad = (grad_sums[key] / count).to(parameter.dtype)

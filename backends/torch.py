@@ -16,6 +16,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from cabs._stats import GradStats
+from cabs.backends import _torch_layerwise
 from cabs.backends._torch_distributed import StatsAccumulator, agree_batch_size, is_data_parallel, reduced_grad_stats
 
 __all__ = [
@@ -26,7 +27,9 @@ __all__ = [
     "array_types",
     "devices",
     "grad_stats",
+    "mean_grad",
     "name",
+    "plan",
 ]
 
 name = "torch"
@@ -61,6 +64,8 @@ def grad_stats(
     *,
     chunk_size: int | None = None,
     process_group: Any = None,
+    method: str = "vmap",
+    max_examples_per_pass: int | None = None,
 ) -> GradStats:
     """Per-example gradient statistics of one batch; leaves the mean gradient in ``.grad``.
 
@@ -85,6 +90,20 @@ def grad_stats(
             None; a plain module reduces only when a group is given (e.g.
             ``torch.distributed.group.WORLD``). The inputs are then this worker's share
             (possibly empty) and the result and ``.grad`` are those of the global batch.
+        method: how the per-example norms are computed. ``"auto"`` (the fast one): exact
+            layer-wise identities from hooks on one ordinary forward and backward for
+            ``Linear``, ``Conv1d``/``Conv2d``, ``Embedding``, ``LayerNorm``,
+            ``GroupNorm`` and ``RMSNorm`` parameters, never forming per-example
+            gradients; every other parameter, and any parameter used more than once
+            (tied weights, a module called twice), takes the vmap path on its own
+            (:func:`plan` tells which). ``"layerwise"``: the same, but a parameter
+            without a layer rule is an error. ``"vmap"`` (default): per-example
+            gradients of every parameter with ``torch.func``. In ``"auto"`` the vmap part
+            draws its own dropout masks, apart from those of the ordinary pass.
+        max_examples_per_pass: at most this many examples in one forward and backward;
+            a larger batch is split and the sums (count, losses, gradients, squared
+            norms) are added, so the statistics and ``.grad`` are those of the whole
+            batch. None: one pass (``"vmap"``: passes of ``chunk_size``).
 
     Returns:
         :class:`cabs.GradStats` of 0-d tensors on the model's device: ``count`` (int64),
@@ -122,7 +141,21 @@ def grad_stats(
             "`model` must have at least one parameter with requires_grad=True, got none. Unfreeze the parameters to train."
         )
     _check_devices(trainable, input_tuple + target_tuple)
+    _torch_layerwise.check_options(method, max_examples_per_pass)
+    if method != "vmap":
+        _resolve_chunk_size(chunk_size, trainable, count)  # validates it; it bounds only the vmap fallback
+        return _torch_layerwise.layerwise_grad_stats(
+            model,
+            loss_fn,
+            input_tuple,
+            target_tuple,
+            method=method,
+            max_examples_per_pass=max_examples_per_pass,
+            vmap_chunk_size=chunk_size,
+        )
     chunk_size = _resolve_chunk_size(chunk_size, trainable, count)
+    if max_examples_per_pass is not None:
+        chunk_size = min(chunk_size, max_examples_per_pass)
 
     accumulate_dtype = _accumulate_dtype(trainable.values())
     device = next(iter(trainable.values())).device
@@ -163,6 +196,52 @@ def grad_stats(
         grad_sq_norm=grad_sq_norm,
         sq_norm_sum=sq_norm_sum,
     )
+
+
+def mean_grad(
+    model: torch.nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    targets: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    max_examples_per_pass: int | None = None,
+) -> torch.Tensor:
+    """A plain step's gradient, without statistics: the mean gradient in ``.grad``; returns the mean loss.
+
+    For computing statistics only every k-th step (``stats_every=k``, a choice of the
+    training loop): on the other steps call this instead of :func:`grad_stats` and do
+    not call ``Controller.step``, so the batch size stays as it is. It is one ordinary
+    forward and backward of the summed loss (split into passes of at most
+    ``max_examples_per_pass`` examples), so its cost is that of a plain SGD step.
+
+    Example:
+        >>> import torch, cabs
+        >>> from cabs.backends import torch as cabs_torch
+        >>> model, loss_fn = torch.nn.Linear(3, 2), torch.nn.CrossEntropyLoss(reduction="none")
+        >>> optimizer, controller = torch.optim.SGD(model.parameters(), lr=0.1), cabs.Controller(learning_rate=0.1)
+        >>> for step in range(4):
+        ...     inputs, targets = torch.randn(controller.batch_size, 3), torch.randint(0, 2, (controller.batch_size,))
+        ...     if step % 2 == 0:  # stats_every=2; the first step always has statistics
+        ...         stats = cabs_torch.grad_stats(model, loss_fn, inputs, targets, method="auto")
+        ...         batch_size = controller.step(stats)
+        ...     else:
+        ...         loss = cabs_torch.mean_grad(model, loss_fn, inputs, targets)
+        ...     optimizer.step()
+        >>> controller.batch_size >= 16
+        True
+    """
+    _check_model(model)
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable as loss_fn(outputs, targets), got loss_fn={loss_fn!r}.")
+    input_tuple = _as_tensor_tuple("inputs", inputs)
+    target_tuple = _as_tensor_tuple("targets", targets)
+    _batch_length(input_tuple, target_tuple)
+    return _torch_layerwise.mean_grad(
+        model, loss_fn, input_tuple, target_tuple, max_examples_per_pass=max_examples_per_pass
+    )
+
+
+plan = _torch_layerwise.plan
 
 
 def _example_loss_function(model: torch.nn.Module, loss_fn: Callable) -> Callable:

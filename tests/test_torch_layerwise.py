@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cabs.backends import _torch_layerwise as layerwise  # noqa: E402
+from cabs.backends import torch as cabs_torch  # noqa: E402
 
 nn = torch.nn
 CROSS_ENTROPY = nn.CrossEntropyLoss(reduction="none")
@@ -335,6 +336,21 @@ def test_float32_model_accumulates_in_float32_close_to_float64():
     np.testing.assert_allclose(float(stats.sq_norm_sum), float(expected.sq_norm_sum), rtol=1e-4)
 
 
+@pytest.mark.parametrize("max_examples_per_pass", [None, 4])
+def test_bfloat16_model_accumulates_in_float32_and_keeps_its_grad_dtype(max_examples_per_pass):
+    model, inputs, targets = build("conv2d")
+    expected = layerwise.layerwise_grad_stats(model, CROSS_ENTROPY, inputs, targets)
+    model = model.bfloat16()
+    stats = layerwise.layerwise_grad_stats(
+        model, CROSS_ENTROPY, (inputs[0].bfloat16(),), targets, max_examples_per_pass=max_examples_per_pass
+    )
+    assert stats.sq_norm_sum.dtype == stats.grad_sq_norm.dtype == torch.float32
+    assert all(value.grad.dtype == torch.bfloat16 for value in model.parameters())
+    # bfloat16 keeps 8 bits of mantissa: a few per cent is what it can give.
+    np.testing.assert_allclose(float(stats.sq_norm_sum), float(expected.sq_norm_sum), rtol=5e-2)
+    np.testing.assert_allclose(float(stats.grad_sq_norm), float(expected.grad_sq_norm), rtol=5e-2)
+
+
 def test_strict_layerwise_refuses_parameters_without_a_rule():
     model, inputs, targets = build("fallback_custom")
     with pytest.raises(ValueError, match=r"method.*1\.scale"):
@@ -359,3 +375,44 @@ def test_a_loss_that_is_not_per_example_is_refused():
     model, inputs, targets = build("linear_2d")
     with pytest.raises(ValueError, match="`loss_fn` must return per-example losses"):
         layerwise.layerwise_grad_stats(model, nn.CrossEntropyLoss(), inputs, targets)
+
+
+# Through the adapter ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("options", [{}, {"max_examples_per_pass": 4, "chunk_size": 2}])
+def test_adapter_methods_equal_the_loop(method, options):
+    model, inputs, targets = build("fallback_custom")
+    expected = loop_stats(model, CROSS_ENTROPY, inputs, targets)
+    stats = cabs_torch.grad_stats(model, CROSS_ENTROPY, inputs[0], targets, method=method, **options)
+    np.testing.assert_allclose(float(stats.sq_norm_sum), expected["sq_norm_sum"], rtol=RTOL)
+    np.testing.assert_allclose(float(stats.grad_sq_norm), expected["grad_sq_norm"], rtol=RTOL)
+    np.testing.assert_allclose(float(stats.loss), expected["loss"], rtol=RTOL)
+    for parameter, mean in zip(model.parameters(), expected["mean_grads"], strict=True):
+        np.testing.assert_allclose(parameter.grad.numpy(), mean, rtol=RTOL, atol=RTOL * np.abs(mean).max())
+
+
+def test_adapter_layerwise_runs_one_forward_and_refuses_what_it_cannot_do():
+    model, inputs, targets = build("conv2d")
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    cabs_torch.grad_stats(model, CROSS_ENTROPY, inputs[0], targets, method="layerwise")
+    assert calls == [targets.shape[0]]  # one ordinary forward of the whole batch, nothing vmapped
+    custom, custom_inputs, custom_targets = build("fallback_custom")
+    with pytest.raises(ValueError, match="method"):
+        cabs_torch.grad_stats(custom, CROSS_ENTROPY, custom_inputs[0], custom_targets, method="layerwise")
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        cabs_torch.grad_stats(model, CROSS_ENTROPY, inputs[0], targets, method="exact")
+
+
+def test_adapter_mean_grad_and_plan():
+    model, inputs, targets = build("fallback_custom")
+    expected = loop_stats(model, CROSS_ENTROPY, inputs, targets)
+    loss = cabs_torch.mean_grad(model, CROSS_ENTROPY, inputs[0], targets, max_examples_per_pass=5)
+    np.testing.assert_allclose(float(loss), expected["loss"], rtol=RTOL)
+    for parameter, mean in zip(model.parameters(), expected["mean_grads"], strict=True):
+        np.testing.assert_allclose(parameter.grad.numpy(), mean, rtol=RTOL, atol=RTOL * np.abs(mean).max())
+    assert cabs_torch.plan(model)["1.scale"] == "vmap"
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+        cabs_torch.mean_grad(object(), CROSS_ENTROPY, inputs[0], targets)
