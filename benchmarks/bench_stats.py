@@ -173,12 +173,11 @@ def _reset_peak_resident() -> None:
 
 
 def measure_memory(model_name: str, batch_size: int, device: str, method: str) -> int | None:
-    """Peak extra memory of one step after a warm-up step (bytes), in this process (meant to be a fresh one)."""
+    """Peak extra memory of the first step (bytes): over the model and data alone, in a fresh process."""
     steps = make_steps(model_name, batch_size, device)
     if method not in steps:
         return None
     step = steps[method]
-    step()  # warm-up: measure a steady step, not first-call allocations
     if device.startswith("cuda"):
         import torch
 
