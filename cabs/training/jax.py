@@ -62,11 +62,15 @@ class JaxTask:
         y_train: training labels, shape ``(n,)``, int64.
         learning_rate: the SGD step size.
         max_batch_size: the largest batch of the run; the top bucket of the padded shapes.
+        mesh: a data mesh (:func:`cabs.backends.jax.data_mesh`) to split each batch over its
+            devices; the statistics are reduced across them inside the compiled step.
     """
 
     backend = "jax"
 
-    def __init__(self, model, parameters, x_train, y_train, learning_rate: float, *, max_batch_size: int) -> None:
+    def __init__(
+        self, model, parameters, x_train, y_train, learning_rate: float, *, max_batch_size: int, mesh: Any = None
+    ) -> None:
         self.model = model
         self.params = [
             {"weight": jnp.asarray(weight, dtype=jnp.float32), "bias": jnp.asarray(bias, dtype=jnp.float32)}
@@ -78,7 +82,7 @@ class JaxTask:
         def example_loss(params: Any, example: Any) -> Any:
             return _cross_entropy(_forward(model, params, example["x"][None]), example["y"][None])[0]
 
-        self.stats_function = cabs_jax.StatsFunction(example_loss, max_batch_size=max_batch_size)
+        self.stats_function = cabs_jax.StatsFunction(example_loss, max_batch_size=max_batch_size, mesh=mesh)
         self.learning_rate = learning_rate
         # The step size is an argument, not a constant of the compiled update, so a decay does not recompile.
         self._update = jax.jit(

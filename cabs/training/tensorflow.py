@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -73,17 +74,22 @@ class TensorFlowTask:
         x_train: training inputs, shape ``(n, *model.input_shape)``, float32.
         y_train: training labels, shape ``(n,)``, int64.
         learning_rate: the SGD step size.
+        strategy: a ``tf.distribute`` strategy (e.g. ``MirroredStrategy``) to split each batch over
+            its replicas; their statistics are summed with the strategy's reduce. None: one device.
     """
 
     backend = "tensorflow"
 
-    def __init__(self, model, parameters, x_train, y_train, learning_rate: float) -> None:
-        self.network = _network(model, parameters)
+    def __init__(self, model, parameters, x_train, y_train, learning_rate: float, *, strategy: Any = None) -> None:
+        self.strategy = strategy
+        # Under a strategy the variables and the optimizer's state are mirrored on every replica.
+        with contextlib.nullcontext() if strategy is None else strategy.scope():
+            self.network = _network(model, parameters)
+            self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
         self.x_train = np.asarray(x_train, dtype=np.float32)
         self.y_train = np.asarray(y_train, dtype=np.int64)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
         self.stats_function = cabs_tf.stats_function(self.network, self.loss_fn)
-        self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
 
     def step(self, indices: np.ndarray, learning_rate: float | None = None) -> tuple[GradStats, float]:
         """One SGD step on the examples ``indices``; returns their statistics and mean loss.
@@ -94,6 +100,10 @@ class TensorFlowTask:
             self.optimizer.learning_rate.assign(learning_rate)
         inputs = tf.constant(self.x_train[indices])
         targets = tf.constant(self.y_train[indices])
+        if self.strategy is not None:
+            split = cabs_tf.split_across_replicas
+            stats = self._distributed_step(split(self.strategy, inputs), split(self.strategy, targets))
+            return stats, float(stats.loss)
         stats, gradients = self.stats_function(inputs, targets)
         self.optimizer.apply_gradients(zip(gradients, self.network.trainable_variables, strict=True))
         return stats, float(stats.loss)
@@ -108,6 +118,14 @@ class TensorFlowTask:
             loss_sum += float(chunk_loss)
             correct += int(chunk_correct)
         return loss_sum / len(x), correct / len(x)
+
+    @tf.function(reduce_retracing=True)  # replica shares change size: one trace with an unknown size
+    def _distributed_step(self, replica_inputs: Any, replica_targets: Any) -> GradStats:
+        sums = self.stats_function.distributed_batch_sums(self.strategy, replica_inputs, replica_targets)
+        stats, gradients = self.stats_function.finish(sums)
+        # Cross-replica context: one update of the mirrored variables with the global mean gradient.
+        self.optimizer.apply_gradients(zip(gradients, self.network.trainable_variables, strict=True))
+        return stats
 
     @tf.function(reduce_retracing=True)
     def _evaluation_sums(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
