@@ -1,4 +1,4 @@
-"""The ``cabs`` command line: ``cabs train`` and ``cabs backends``.
+"""The ``cabs`` command line: ``cabs train``, ``cabs compare`` and ``cabs backends``.
 
 User errors (bad options, a missing or damaged data file, a framework that is not
 installed) end with one line ``cabs: error: ...`` on stderr and exit status 2;
@@ -52,7 +52,7 @@ def _positive_float(text: str) -> float:
 
 
 def _add_train_parser(commands: Any) -> None:
-    from cabs.training.loop import BACKENDS, DEFAULT_STEPS, TrainConfig
+    from cabs.training.loop import BACKENDS, DEFAULT_STEPS, DTYPES, TrainConfig
     from cabs.training.models import MODELS
 
     defaults = TrainConfig()
@@ -103,6 +103,20 @@ def _add_train_parser(commands: Any) -> None:
         default=defaults.threads,
         help="PyTorch CPU threads; the small default networks run fastest on one",
     )
+    train.add_argument(
+        "--dtype", choices=DTYPES, default=defaults.dtype, help="floating-point type of the parameters and data"
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=defaults.checkpoint_every,
+        help="save checkpoint.npz in --out every N steps, at the end and on Ctrl-C",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint, with the same options (--steps may grow)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     train.add_argument("--debug", action="store_true", help="show the traceback of an error")
     train.set_defaults(handler=_run_train)
@@ -114,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cabs {_version('cabs')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train_parser(commands)
+    from cabs.compare import add_compare_parser
+
+    add_compare_parser(commands)
     backends = commands.add_parser(
         "backends",
         help="list the installed backends, their versions and devices",
@@ -142,6 +159,9 @@ def _run_train(arguments: argparse.Namespace) -> int:
         out=arguments.out,
         eval_every=arguments.eval_every,
         threads=arguments.threads,
+        dtype=arguments.dtype,
+        checkpoint_every=arguments.checkpoint_every,
+        resume=arguments.resume,
     )
     log = None if arguments.quiet else (lambda text: print(text, file=sys.stderr))
     summary = train(config, progress=not arguments.quiet, log=log)

@@ -22,6 +22,7 @@ import importlib
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,7 @@ from cabs import backends
 from cabs._stats import GradStats
 from cabs.controller import Controller
 from cabs.data import BatchSampler
-from cabs.training import models
+from cabs.training import checkpoint, models
 
 __all__ = ["BACKENDS", "DEFAULT_STEPS", "Task", "TrainConfig", "make_task", "train"]
 
@@ -60,6 +61,10 @@ class Task(Protocol):
 
     def summary_extras(self) -> dict[str, Any]: ...
 
+    def state_dict(self) -> dict[str, np.ndarray]: ...
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None: ...
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -81,8 +86,8 @@ class TrainConfig:
             networks here run fastest on one: their operations are too small to split, and the
             threads' synchronisation costs more than they save, most of all on a busy machine.
         dtype: ``"float32"`` or ``"float64"``: the network's parameters and the training data.
-        checkpoint_every: save ``checkpoint.npz`` in ``out`` every this many steps (also at the
-            end and on Ctrl-C); 0 never saves.
+        checkpoint_every: save ``checkpoint.npz`` in ``out`` every this many steps, at the end
+            and on Ctrl-C.
         resume: continue from the checkpoint in ``out`` instead of starting over.
     """
 
@@ -120,10 +125,8 @@ class TrainConfig:
             raise ValueError(f"`learning_rate` must be a finite number > 0, got learning_rate={self.learning_rate}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {', '.join(DTYPES)}, got dtype={self.dtype!r}.")
-        if self.checkpoint_every < 0:
-            raise ValueError(
-                f"`checkpoint_every` must be >= 0 (0: no checkpoints), got checkpoint_every={self.checkpoint_every}."
-            )
+        if self.checkpoint_every < 1:
+            raise ValueError(f"`checkpoint_every` must be >= 1, got checkpoint_every={self.checkpoint_every}.")
 
 
 def make_task(config: TrainConfig, dataset: Any) -> tuple[Task, models.Architecture]:
@@ -141,6 +144,8 @@ def make_task(config: TrainConfig, dataset: Any) -> tuple[Task, models.Architect
     if config.backend == "torch":
         options["threads"] = config.threads
         options["seed"] = config.seed
+    if config.dtype != "float32":
+        options["dtype"] = config.dtype
     task_class = getattr(module, _TASKS[config.backend])
     task = task_class(architecture, parameters, x_train, dataset.y_train, config.learning_rate, **options)
     return task, architecture
@@ -153,21 +158,26 @@ def _shaped(x: np.ndarray, architecture: models.Architecture) -> np.ndarray:
 class _MetricsWriter:
     """Appends one JSON object per line and flushes it, so a crash leaves whole lines."""
 
-    def __init__(self, path: Path) -> None:
-        self._file = path.open("w", encoding="utf-8")
+    def __init__(self, path: Path, *, append: bool = False) -> None:
+        self._file = path.open("a" if append else "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
         self._file.flush()
 
+    def sync(self) -> None:
+        """Force the written lines to disk."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
     def close(self) -> None:
         self._file.close()
 
 
-def _progress_bar(total: int, unit: str, enabled: bool) -> Any:
+def _progress_bar(total: int, unit: str, enabled: bool, initial: int = 0) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True, leave=True)
+    return tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True, leave=True, initial=initial)
 
 
 def train(
@@ -210,16 +220,28 @@ def train(
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoints = checkpoint.Checkpointer(out, config, dataset.x_train, dataset.y_train, controller, sampler, task)
+    start_step, elapsed, records = 0, 0.0, []
+    if config.resume:
+        start_step, elapsed, records = checkpoints.restore(out / "metrics.jsonl", steps)
+        schedule.skip_to(sampler.examples_seen)
+        say(f"resuming from {checkpoints.path} at step {start_step}")
+    evaluations = [record for record in records if "test_accuracy" in record]
     say(f"training {config.model} on {dataset.name} with {config.backend}; writing {out}")
-    records, evaluations = [], []
-    writer = _MetricsWriter(out / "metrics.jsonl")
+    writer = _MetricsWriter(out / "metrics.jsonl", append=config.resume)
     if steps is not None:
-        bar = _progress_bar(steps, "step", progress)
+        bar = _progress_bar(steps, "step", progress, initial=start_step)
     else:
-        bar = _progress_bar(_epoch_examples(config, len(dataset.x_train)), "ex", progress)
-    start = time.perf_counter()
+        bar = _progress_bar(_epoch_examples(config, len(dataset.x_train)), "ex", progress, sampler.examples_seen)
+    # A resumed run that had already finished goes straight to the summary.
+    finished = bool(records) and (start_step == steps or sampler.exhausted)
+    kill_at_step = int(os.environ.get(KILL_AT_STEP_VARIABLE, "0"))
+    start = time.perf_counter() - elapsed
+    interrupt = checkpoint.StopOnInterrupt()
+    interrupt.start()
     try:
-        for step, indices in enumerate(sampler, start=1):
+        batches = iter(()) if finished else sampler
+        for step, indices in enumerate(batches, start=start_step + 1):
             stats, loss = task.step(np.asarray(indices, dtype=np.int64))
             controller.step(stats)
             record = {
@@ -239,6 +261,14 @@ def train(
                 evaluations.append(record)
             writer.write(record)
             records.append(record)
+            if checkpoints.due(step) or last or interrupt.requested:
+                writer.sync()  # the checkpoint's step must not be ahead of the durable metrics
+                checkpoints.save(step, time.perf_counter() - start)
+            if step == kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if interrupt.requested:
+                say(f"interrupted after step {step}; saved {checkpoints.path}, continue with --resume")
+                raise KeyboardInterrupt
             bar.update(1 if steps is not None else len(indices))
             bar.set_postfix(
                 examples=str(sampler.examples_seen), batch=str(len(indices)), loss=f"{loss:.4f}", refresh=False
@@ -246,6 +276,7 @@ def train(
             if last:
                 break
     finally:
+        interrupt.stop()
         bar.close()
         writer.close()
     training_time = time.perf_counter() - start
@@ -297,6 +328,12 @@ class _EvaluationSchedule:
         self._every_steps = config.eval_every or (max(1, steps // DEFAULT_EVALUATIONS) if steps else None)
         self._every_examples = _epoch_examples(config, num_examples) / DEFAULT_EVALUATIONS
         self._next_examples = self._every_examples
+
+    def skip_to(self, examples_seen: int) -> None:
+        """Continue a resumed run: the evaluations up to ``examples_seen`` are done."""
+        if self._every_steps is None:
+            while self._next_examples <= examples_seen:
+                self._next_examples += self._every_examples
 
     def due(self, step: int, examples_seen: int) -> bool:
         if self._every_steps is not None:

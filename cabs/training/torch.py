@@ -7,6 +7,7 @@ import torch
 
 from cabs._stats import GradStats
 from cabs.backends import torch as cabs_torch
+from cabs.training.checkpoint import generator_state_array, load_generator_state
 from cabs.training.models import Architecture, Conv, crop_batch
 
 __all__ = ["TorchTask"]
@@ -58,19 +59,33 @@ class TorchTask:
         learning_rate: the SGD step size.
         threads: sets ``torch.set_num_threads`` (process-wide); None leaves it.
         seed: fixes the random crops of a model with ``crop`` (see :func:`cabs.training.models.crop_batch`).
+        dtype: ``"float32"`` or ``"float64"``, of the parameters and the data.
     """
 
     backend = "torch"
 
     def __init__(
-        self, model, parameters, x_train, y_train, learning_rate: float, *, threads: int | None = None, seed: int = 0
+        self,
+        model,
+        parameters,
+        x_train,
+        y_train,
+        learning_rate: float,
+        *,
+        threads: int | None = None,
+        seed: int = 0,
+        dtype: str = "float32",
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
-        self.network = _network(model, parameters)
+        self.numpy_dtype = np.dtype(dtype)
+        self.network = _network(model, parameters).to(getattr(torch, dtype))
+        # Random layers (dropout) would draw from the global generator: seed it so runs repeat,
+        # and it is saved in state_dict so a resumed run continues its sequence.
+        torch.manual_seed(seed)
         self.crop = model.crop
         self._crop_generator = np.random.default_rng([seed, 0xC809])
-        self.x_train = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
+        self.x_train = torch.from_numpy(np.ascontiguousarray(x_train, dtype=self.numpy_dtype))
         self.y_train = torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64))
         self.loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
         self.optimizer = torch.optim.SGD(self.network.parameters(), lr=learning_rate)
@@ -96,7 +111,7 @@ class TorchTask:
         loss_sum, correct = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(x), _EVAL_CHUNK):
-                chunk = np.ascontiguousarray(x[start : start + _EVAL_CHUNK], dtype=np.float32)
+                chunk = np.ascontiguousarray(x[start : start + _EVAL_CHUNK], dtype=self.numpy_dtype)
                 inputs = torch.from_numpy(chunk if self.crop is None else crop_batch(chunk, self.crop, None))
                 targets = torch.from_numpy(np.asarray(y[start : start + _EVAL_CHUNK], dtype=np.int64))
                 outputs = self.network(inputs)
@@ -107,3 +122,35 @@ class TorchTask:
     def summary_extras(self) -> dict:
         """Backend-specific entries for ``summary.json``."""
         return {"framework_version": torch.__version__}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Parameters, optimizer state and random-number states as NumPy arrays (for a checkpoint)."""
+        arrays = {
+            f"model/{key}": value.detach().cpu().numpy().copy() for key, value in self.network.state_dict().items()
+        }
+        for index, state in self.optimizer.state_dict()["state"].items():
+            arrays.update(
+                {f"optimizer/{index}/{key}": torch.as_tensor(value).cpu().numpy() for key, value in state.items()}
+            )
+        arrays["rng/torch"] = torch.random.get_rng_state().numpy().copy()
+        arrays["rng/crop"] = generator_state_array(self._crop_generator)
+        return arrays
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict`'s arrays; raises ValueError or RuntimeError when they do not fit."""
+        self.network.load_state_dict(
+            {
+                key.removeprefix("model/"): torch.from_numpy(value)
+                for key, value in arrays.items()
+                if key.startswith("model/")
+            }
+        )
+        optimizer_state = self.optimizer.state_dict()
+        optimizer_state["state"] = {}
+        for key, value in arrays.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/", 2)
+                optimizer_state["state"].setdefault(int(index), {})[name] = torch.from_numpy(value)
+        self.optimizer.load_state_dict(optimizer_state)
+        torch.random.set_rng_state(torch.from_numpy(arrays["rng/torch"]))
+        load_generator_state(self._crop_generator, arrays["rng/crop"])
