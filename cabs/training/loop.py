@@ -33,8 +33,7 @@ import numpy as np
 from cabs import backends
 from cabs._stats import GradStats
 from cabs.controller import Controller
-from cabs.data import BatchSampler
-from cabs.training import checkpoint, models
+from cabs.training import checkpoint, distributed, models
 
 __all__ = ["BACKENDS", "DEFAULT_STEPS", "Task", "TrainConfig", "make_task", "train"]
 
@@ -129,8 +128,14 @@ class TrainConfig:
             raise ValueError(f"`checkpoint_every` must be >= 1, got checkpoint_every={self.checkpoint_every}.")
 
 
-def make_task(config: TrainConfig, dataset: Any) -> tuple[Task, models.Architecture]:
-    """Build the chosen backend's task with the NumPy initial weights for ``config.seed``."""
+def make_task(
+    config: TrainConfig, dataset: Any, task_options: dict[str, Any] | None = None
+) -> tuple[Task, models.Architecture]:
+    """Build the chosen backend's task with the NumPy initial weights for ``config.seed``.
+
+    ``task_options`` go to the task's constructor as well (the data-parallel set-up of
+    :mod:`cabs.training.distributed`: a process group, a mesh or a strategy).
+    """
     architecture = models.architecture(config.model, dataset.input_shape, dataset.num_classes)
     models.check_backend(architecture, config.backend)
     parameters = models.initial_parameters(architecture, config.seed)
@@ -146,6 +151,7 @@ def make_task(config: TrainConfig, dataset: Any) -> tuple[Task, models.Architect
         options["seed"] = config.seed
     if config.dtype != "float32":
         options["dtype"] = config.dtype
+    options.update(task_options or {})
     task_class = getattr(module, _TASKS[config.backend])
     task = task_class(architecture, parameters, x_train, dataset.y_train, config.learning_rate, **options)
     return task, architecture
@@ -174,6 +180,19 @@ class _MetricsWriter:
         self._file.close()
 
 
+class _Discard:
+    """Stands in for the metrics file on the workers that write no files."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress_bar(total: int, unit: str, enabled: bool, initial: int = 0) -> Any:
     from tqdm.auto import tqdm
 
@@ -185,6 +204,7 @@ def train(
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    workers: distributed.Workers | None = None,
 ) -> dict[str, Any]:
     """Train with CABS as ``config`` says; write the output files; return the summary.
 
@@ -192,6 +212,9 @@ def train(
         config: the run's settings.
         progress: show a progress bar (tqdm, on stderr).
         log: called with short status lines (e.g. ``print``); None says nothing.
+        workers: the data-parallel workers (:func:`cabs.training.distributed.setup`); None: one
+            device. Every worker trains its share of each global batch; only the first one
+            shows progress and writes files, the others return the same summary.
 
     Returns:
         The contents of ``summary.json``.
@@ -204,7 +227,10 @@ def train(
     from cabs import datasets  # the loaders pull in optional packages; only a run needs them
 
     config.validate()
-    say = log or (lambda text: None)
+    workers = workers or distributed.Workers()
+    # Only the first worker reports and writes files; the others train their shares silently.
+    say = (log if workers.main else None) or (lambda text: None)
+    progress = progress and workers.main
     controller = Controller(
         config.learning_rate,
         min_batch_size=config.min_batch_size,
@@ -212,9 +238,9 @@ def train(
         initial_batch_size=config.initial_batch_size,
     )
     dataset = datasets.load(config.dataset, data_dir=config.data_dir, seed=config.seed)
-    task, architecture = make_task(config, dataset)
+    task, architecture = make_task(config, dataset, workers.task_options)
     x_test = _shaped(dataset.x_test, architecture)
-    sampler = BatchSampler(len(dataset.x_train), controller, seed=config.seed, epochs=config.epochs)
+    sampler = workers.sampler(len(dataset.x_train), controller, seed=config.seed, epochs=config.epochs)
     steps = config.steps if config.steps is not None else (None if config.epochs is not None else DEFAULT_STEPS)
     schedule = _EvaluationSchedule(config, steps, len(dataset.x_train))
 
@@ -228,7 +254,7 @@ def train(
         say(f"resuming from {checkpoints.path} at step {start_step}")
     evaluations = [record for record in records if "test_accuracy" in record]
     say(f"training {config.model} on {dataset.name} with {config.backend}; writing {out}")
-    writer = _MetricsWriter(out / "metrics.jsonl", append=config.resume)
+    writer = _MetricsWriter(out / "metrics.jsonl", append=config.resume) if workers.main else _Discard()
     if steps is not None:
         bar = _progress_bar(steps, "step", progress, initial=start_step)
     else:
@@ -244,9 +270,11 @@ def train(
         for step, indices in enumerate(batches, start=start_step + 1):
             stats, loss = task.step(np.asarray(indices, dtype=np.int64))
             controller.step(stats)
+            workers.check(controller.batch_size)
+            batch_size = workers.global_batch_size(sampler, indices)
             record = {
                 "step": step,
-                "batch_size": len(indices),
+                "batch_size": batch_size,
                 "loss": loss,
                 "xi": controller.xi,
                 "examples_seen": sampler.examples_seen,
@@ -261,7 +289,7 @@ def train(
                 evaluations.append(record)
             writer.write(record)
             records.append(record)
-            if checkpoints.due(step) or last or interrupt.requested:
+            if workers.main and (checkpoints.due(step) or last or interrupt.requested):
                 writer.sync()  # the checkpoint's step must not be ahead of the durable metrics
                 checkpoints.save(step, time.perf_counter() - start)
             if step == kill_at_step:
@@ -269,9 +297,9 @@ def train(
             if interrupt.requested:
                 say(f"interrupted after step {step}; saved {checkpoints.path}, continue with --resume")
                 raise KeyboardInterrupt
-            bar.update(1 if steps is not None else len(indices))
+            bar.update(1 if steps is not None else batch_size)
             bar.set_postfix(
-                examples=str(sampler.examples_seen), batch=str(len(indices)), loss=f"{loss:.4f}", refresh=False
+                examples=str(sampler.examples_seen), batch=str(batch_size), loss=f"{loss:.4f}", refresh=False
             )
             if last:
                 break
@@ -301,8 +329,11 @@ def train(
         "seed": config.seed,
         "settings": dataclasses.asdict(config),
         "controller": controller.state_dict(),
+        "workers": workers.summary(),
         **task.summary_extras(),
     }
+    if not workers.main:
+        return summary
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     from cabs.training.plot import plot_training
 

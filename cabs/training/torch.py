@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -60,6 +62,9 @@ class TorchTask:
         threads: sets ``torch.set_num_threads`` (process-wide); None leaves it.
         seed: fixes the random crops of a model with ``crop`` (see :func:`cabs.training.models.crop_batch`).
         dtype: ``"float32"`` or ``"float64"``, of the parameters and the data.
+        process_group: a ``torch.distributed`` group (torchrun's workers): each step's indices are
+            this worker's share of the global batch and the statistics and mean gradient are
+            reduced over the group. None: one process.
     """
 
     backend = "torch"
@@ -75,7 +80,9 @@ class TorchTask:
         threads: int | None = None,
         seed: int = 0,
         dtype: str = "float32",
+        process_group: Any = None,
     ) -> None:
+        self.process_group = process_group
         if threads is not None:
             torch.set_num_threads(threads)
         self.numpy_dtype = np.dtype(dtype)
@@ -102,7 +109,9 @@ class TorchTask:
         inputs = self.x_train[index]
         if self.crop is not None:
             inputs = torch.from_numpy(crop_batch(inputs.numpy(), self.crop, self._crop_generator))
-        stats = cabs_torch.grad_stats(self.network, self.loss_fn, inputs, self.y_train[index])
+        stats = cabs_torch.grad_stats(
+            self.network, self.loss_fn, inputs, self.y_train[index], process_group=self.process_group
+        )
         self.optimizer.step()
         return stats, float(stats.loss)
 
