@@ -64,19 +64,32 @@ class JaxTask:
         max_batch_size: the largest batch of the run; the top bucket of the padded shapes.
         mesh: a data mesh (:func:`cabs.backends.jax.data_mesh`) to split each batch over its
             devices; the statistics are reduced across them inside the compiled step.
+        dtype: ``"float32"`` or ``"float64"`` (turns on ``jax_enable_x64`` for the process).
     """
 
     backend = "jax"
 
     def __init__(
-        self, model, parameters, x_train, y_train, learning_rate: float, *, max_batch_size: int, mesh: Any = None
+        self,
+        model,
+        parameters,
+        x_train,
+        y_train,
+        learning_rate: float,
+        *,
+        max_batch_size: int,
+        mesh: Any = None,
+        dtype: str = "float32",
     ) -> None:
+        if dtype == "float64":
+            jax.config.update("jax_enable_x64", True)  # JAX otherwise silently makes float64 arrays float32
         self.model = model
+        self.numpy_dtype = np.dtype(dtype)
         self.params = [
-            {"weight": jnp.asarray(weight, dtype=jnp.float32), "bias": jnp.asarray(bias, dtype=jnp.float32)}
+            {"weight": jnp.asarray(weight, dtype=self.numpy_dtype), "bias": jnp.asarray(bias, dtype=self.numpy_dtype)}
             for weight, bias in parameters
         ]
-        self.x_train = np.asarray(x_train, dtype=np.float32)
+        self.x_train = np.asarray(x_train, dtype=self.numpy_dtype)
         self.y_train = np.asarray(y_train, dtype=np.int32)
 
         def example_loss(params: Any, example: Any) -> Any:
@@ -99,7 +112,7 @@ class JaxTask:
             self.learning_rate = learning_rate
         batch = {"x": self.x_train[indices], "y": self.y_train[indices]}
         stats, mean_grad = self.stats_function(self.params, batch)
-        self.params = self._update(self.params, mean_grad, np.float32(self.learning_rate))
+        self.params = self._update(self.params, mean_grad, self.numpy_dtype.type(self.learning_rate))
         return stats, float(stats.loss)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -107,7 +120,7 @@ class JaxTask:
         loss_sum, correct = 0.0, 0
         for start in range(0, len(x), _EVAL_CHUNK):
             # Pad each chunk to the full chunk size so that evaluation compiles once.
-            chunk = {"x": np.asarray(x[start : start + _EVAL_CHUNK], dtype=np.float32)}
+            chunk = {"x": np.asarray(x[start : start + _EVAL_CHUNK], dtype=self.numpy_dtype)}
             chunk["y"] = np.asarray(y[start : start + _EVAL_CHUNK], dtype=np.int32)
             padded, mask = cabs_jax.pad_batch(chunk, _EVAL_CHUNK)
             chunk_loss, chunk_correct = self._evaluate_sums(self.params, padded["x"], padded["y"], mask)
@@ -118,3 +131,27 @@ class JaxTask:
     def summary_extras(self) -> dict[str, Any]:
         """Backend-specific entries for ``summary.json``: the compile count of the statistics."""
         return {"framework_version": jax.__version__, "compile_count": self.stats_function.compile_count}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The parameters as NumPy arrays (for a checkpoint); plain SGD has no other state, nor any randomness."""
+        return {
+            f"model/{index}/{name}": np.asarray(value)
+            for index, layer in enumerate(self.params)
+            for name, value in layer.items()
+        }
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict`'s arrays; ValueError when they do not fit the network."""
+        restored = []
+        for index, layer in enumerate(self.params):
+            restored_layer = {}
+            for name, value in layer.items():
+                saved = arrays[f"model/{index}/{name}"]
+                if saved.shape != value.shape or saved.dtype != value.dtype:
+                    raise ValueError(
+                        f"saved parameter model/{index}/{name} is {saved.dtype}{list(saved.shape)}, "
+                        f"the network's is {value.dtype}{list(value.shape)}."
+                    )
+                restored_layer[name] = jnp.asarray(saved)
+            restored.append(restored_layer)
+        self.params = restored

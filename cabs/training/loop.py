@@ -124,6 +124,11 @@ class TrainConfig:
             raise ValueError(f"`learning_rate` must be a finite number > 0, got learning_rate={self.learning_rate}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {', '.join(DTYPES)}, got dtype={self.dtype!r}.")
+        if self.dtype != "float32" and self.backend == "tensorflow":
+            raise ValueError(
+                f"`dtype` {self.dtype} is available with the torch and jax backends; the TensorFlow task trains "
+                f"in float32, got dtype={self.dtype!r} with backend='tensorflow'. Pass --dtype float32."
+            )
         if self.checkpoint_every < 1:
             raise ValueError(f"`checkpoint_every` must be >= 1, got checkpoint_every={self.checkpoint_every}.")
 

@@ -137,3 +137,22 @@ class TensorFlowTask:
     def summary_extras(self) -> dict[str, Any]:
         """Backend-specific entries for ``summary.json``: the tracing count of the statistics."""
         return {"framework_version": tf.__version__, "trace_count": self.stats_function.trace_count}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Weights and optimizer variables as NumPy arrays (for a checkpoint); the task draws no random numbers."""
+        arrays = {f"model/{index}": np.asarray(value) for index, value in enumerate(self.network.get_weights())}
+        arrays.update({f"optimizer/{index}": np.asarray(v.numpy()) for index, v in enumerate(self.optimizer.variables)})
+        return arrays
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict`'s arrays; ValueError when they do not fit the network."""
+        weights = [arrays[f"model/{index}"] for index in range(len(self.network.get_weights()))]
+        self.network.set_weights(weights)
+        if not self.optimizer.built:
+            with contextlib.nullcontext() if self.strategy is None else self.strategy.scope():
+                self.optimizer.build(self.network.trainable_variables)
+        for index, variable in enumerate(self.optimizer.variables):
+            saved = arrays[f"optimizer/{index}"]
+            if tuple(saved.shape) != tuple(variable.shape):
+                raise ValueError(f"saved optimizer/{index} has shape {saved.shape}, the optimizer's {variable.shape}.")
+            variable.assign(saved)
