@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from cabs.data import BatchSampler, DistributedBatchSampler
+
 __all__ = ["TORCHRUN_VARIABLES", "Workers", "prepare_process", "setup"]
 
 # torchrun (torch.distributed.run) sets these in every worker process.
@@ -45,6 +47,7 @@ class Workers:
         task_options: keyword arguments for the task's constructor (process group, mesh, strategy).
         agree: checks that every worker computed the same batch size; returns it.
         close: releases the workers' resources (the process group) at the end of the run.
+        check_agreement: call ``agree`` after every step (``--check-agreement``, for debugging).
     """
 
     rank: int = 0
@@ -54,11 +57,31 @@ class Workers:
     task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     agree: Callable[[int], int] = int
     close: Callable[[], None] = lambda: None
+    check_agreement: bool = False
 
     @property
     def main(self) -> bool:
         """True on the worker that shows progress and writes the files."""
         return self.rank == 0
+
+    def sampler(self, num_examples: int, controller: Any, *, seed: int, epochs: int | None) -> BatchSampler:
+        """The batch sampler of this worker: the whole global batches, or its share of them."""
+        if self.world_size == 1:
+            return BatchSampler(num_examples, controller, seed=seed, epochs=epochs)
+        return DistributedBatchSampler(
+            num_examples, controller, rank=self.rank, world_size=self.world_size, seed=seed, epochs=epochs
+        )
+
+    def global_batch_size(self, sampler: BatchSampler, indices: Any) -> int:
+        """The size of the global batch whose share ``indices`` the sampler just drew."""
+        if isinstance(sampler, DistributedBatchSampler):
+            return sampler.last_global_batch_size
+        return len(indices)
+
+    def check(self, batch_size: int) -> None:
+        """With ``check_agreement``: raise RuntimeError unless every worker has this next batch size."""
+        if self.check_agreement:
+            self.agree(batch_size)
 
     def summary(self) -> dict[str, Any]:
         """The entries of ``summary.json`` that describe the workers."""
