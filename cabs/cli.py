@@ -104,6 +104,19 @@ def _add_train_parser(commands: Any) -> None:
         help="PyTorch CPU threads; the small default networks run fastest on one",
     )
     train.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        help="JAX and TensorFlow: split each batch over this many devices (host or logical CPU devices without "
+        "GPUs). PyTorch runs data-parallel under torchrun instead: "
+        "torchrun --standalone --nproc_per_node=N -m cabs train --backend torch",
+    )
+    train.add_argument(
+        "--check-agreement",
+        action="store_true",
+        help="debugging data-parallel runs: after every step, check that all workers chose the same batch size",
+    )
+    train.add_argument(
         "--dtype", choices=DTYPES, default=defaults.dtype, help="floating-point type of the parameters and data"
     )
     train.add_argument(
@@ -145,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_train(arguments: argparse.Namespace) -> int:
+    from cabs.training import distributed
     from cabs.training.loop import TrainConfig, summary_table, train
 
     config = TrainConfig(
@@ -167,8 +181,15 @@ def _run_train(arguments: argparse.Namespace) -> int:
         resume=arguments.resume,
     )
     log = None if arguments.quiet else (lambda text: print(text, file=sys.stderr))
-    summary = train(config, progress=not arguments.quiet, log=log)
-    if not arguments.quiet:
+    # Host devices must be requested before JAX is first imported, so before the workers' set-up.
+    distributed.prepare_process(arguments.backend, arguments.devices)
+    workers = distributed.setup(arguments.backend, arguments.devices)
+    workers.check_agreement = arguments.check_agreement
+    try:
+        summary = train(config, progress=not arguments.quiet, log=log, workers=workers)
+    finally:
+        workers.close()
+    if not arguments.quiet and workers.main:
         print(summary_table(summary, config.out))
     return 0
 
