@@ -9,6 +9,7 @@ formed a chunk of examples at a time, so memory stays bounded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -64,8 +65,9 @@ def grad_stats(
     *,
     chunk_size: int | None = None,
     process_group: Any = None,
-    method: str = "vmap",
+    method: str = "auto",
     max_examples_per_pass: int | None = None,
+    loss_scale: Any = None,
 ) -> GradStats:
     """Per-example gradient statistics of one batch; leaves the mean gradient in ``.grad``.
 
@@ -90,20 +92,29 @@ def grad_stats(
             None; a plain module reduces only when a group is given (e.g.
             ``torch.distributed.group.WORLD``). The inputs are then this worker's share
             (possibly empty) and the result and ``.grad`` are those of the global batch.
-        method: how the per-example norms are computed. ``"auto"`` (the fast one): exact
+        method: how the per-example norms are computed. ``"auto"`` (default, the fast one): exact
             layer-wise identities from hooks on one ordinary forward and backward for
             ``Linear``, ``Conv1d``/``Conv2d``, ``Embedding``, ``LayerNorm``,
             ``GroupNorm`` and ``RMSNorm`` parameters, never forming per-example
             gradients; every other parameter, and any parameter used more than once
             (tied weights, a module called twice), takes the vmap path on its own
             (:func:`plan` tells which). ``"layerwise"``: the same, but a parameter
-            without a layer rule is an error. ``"vmap"`` (default): per-example
+            without a layer rule is an error. ``"vmap"``: per-example
             gradients of every parameter with ``torch.func``. In ``"auto"`` the vmap part
             draws its own dropout masks, apart from those of the ordinary pass.
         max_examples_per_pass: at most this many examples in one forward and backward;
             a larger batch is split and the sums (count, losses, gradients, squared
             norms) are added, so the statistics and ``.grad`` are those of the whole
             batch. None: one pass (``"vmap"``: passes of ``chunk_size``).
+        loss_scale: mixed precision. A number s, or a ``torch.amp.GradScaler`` (its
+            current scale): the per-example losses are multiplied by s before
+            differentiating, so small float16 gradients do not underflow, and the
+            statistics are unscaled (the loss and mean gradient divided by s, the
+            squared norms by s^2). With a number, ``.grad`` holds the unscaled mean
+            gradient. With a GradScaler, ``.grad`` stays scaled, as after
+            ``scaler.scale(loss).backward()``: call ``scaler.step(optimizer)`` and
+            ``scaler.update()`` as usual. Gradients that overflow make the statistics
+            non-finite, so the step the scaler skips is skipped by the controller too.
 
     Returns:
         :class:`cabs.GradStats` of 0-d tensors on the model's device: ``count`` (int64),
@@ -127,8 +138,22 @@ def grad_stats(
         >>> int(stats.count), model.weight.grad.shape
         (8, torch.Size([2, 3]))
     """
+    if loss_scale is not None:
+        options = {"chunk_size": chunk_size, "process_group": process_group, "method": method}
+        return _scaled_grad_stats(
+            model, loss_fn, inputs, targets, loss_scale, max_examples_per_pass=max_examples_per_pass, **options
+        )
     if process_group is not None or is_data_parallel(model):
-        return reduced_grad_stats(model, loss_fn, inputs, targets, process_group=process_group, chunk_size=chunk_size)
+        return reduced_grad_stats(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            process_group=process_group,
+            chunk_size=chunk_size,
+            method=method,
+            max_examples_per_pass=max_examples_per_pass,
+        )
     _check_model(model)
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable as loss_fn(outputs, targets), got loss_fn={loss_fn!r}.")
@@ -258,6 +283,43 @@ def _example_loss_function(model: torch.nn.Module, loss_fn: Callable) -> Callabl
         return loss, loss.detach()
 
     return example_loss
+
+
+def _scaled_grad_stats(
+    model: torch.nn.Module, loss_fn: Callable, inputs: Any, targets: Any, loss_scale: Any, **options: Any
+) -> GradStats:
+    """:func:`grad_stats` of the losses times s, with the statistics (and, for a number, ``.grad``) unscaled."""
+    is_scaler = callable(getattr(loss_scale, "get_scale", None)) and callable(getattr(loss_scale, "unscale_", None))
+    if is_scaler:
+        # A GradScaler creates its scale on the first scale() call; its step() needs it.
+        parameter = next(model.parameters(), None)
+        loss_scale.scale(torch.zeros((), device=parameter.device if parameter is not None else "cpu"))
+    scale = loss_scale.get_scale() if is_scaler else loss_scale
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"`loss_scale` must be a finite number > 0 or a torch.amp.GradScaler, got loss_scale={loss_scale!r}. "
+            f"Pass the factor the loss is multiplied by, or the GradScaler itself."
+        )
+
+    def scaled_loss(outputs: Any, target: Any) -> torch.Tensor:
+        losses = loss_fn(outputs, target)
+        # Scale in float32 at least: float16 overflows at 65504, below the usual scales.
+        return (losses.float() if losses.dtype in (torch.float16, torch.bfloat16) else losses) * scale
+
+    stats = grad_stats(model, scaled_loss, inputs, targets, **options)
+    if not is_scaler:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad and parameter.grad is not None:
+                    parameter.grad.div_(scale)
+    return GradStats(
+        count=stats.count,
+        loss=stats.loss / scale,
+        grad_sq_norm=stats.grad_sq_norm / scale**2,
+        sq_norm_sum=stats.sq_norm_sum / scale**2,
+    )
 
 
 def _check_losses(losses: Any) -> None:

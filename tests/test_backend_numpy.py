@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cabs.backends import numpy as cabs_numpy
 
 import cabs
+from cabs.backends import numpy as cabs_numpy
 
 WORKED_GRADS = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
 
