@@ -734,6 +734,7 @@ def grad_stats(
     *,
     method: str = "auto",
     max_examples_per_pass: int | None = None,
+    loss_scale: Any = None,
 ) -> tuple[GradStats, list[Any]]:
     """Per-example gradient statistics and the mean gradients of one batch.
 
@@ -754,6 +755,16 @@ def grad_stats(
             :meth:`StatsFunction.plan` reports the choice per variable.
         max_examples_per_pass: split the batch into passes of at most this many
             examples and add their sums; the result is that of the whole batch.
+        loss_scale: mixed precision. A number s, or a Keras ``LossScaleOptimizer``
+            (its current ``dynamic_scale``, read inside the traced function, so a
+            changing scale does not retrace): the per-example losses are multiplied by
+            s before differentiating, so small float16 gradients do not underflow, and
+            the statistics are unscaled (the loss and mean gradient divided by s, the
+            squared norms by s^2). With a number the returned gradients are unscaled.
+            With a LossScaleOptimizer they stay scaled, as from ``scale_loss``: pass them
+            to that optimizer's ``apply_gradients``, which unscales them and skips a step
+            whose gradients are not finite; such a step's statistics are not finite
+            either, so the controller skips it too.
 
     Returns:
         ``(stats, gradients)``: :class:`cabs.GradStats` of 0-d tensors in float32
@@ -776,4 +787,58 @@ def grad_stats(
         >>> int(stats.count), len(gradients)
         (4, 2)
     """
+    if loss_scale is not None:
+        return _scaled_grad_stats(model, loss_fn, inputs, targets, loss_scale, method, max_examples_per_pass)
     return stats_function(model, loss_fn, method=method)(inputs, targets, max_examples_per_pass=max_examples_per_pass)
+
+
+# Per loss function, its scaled versions by scale source, so the cached StatsFunction is reused.
+_scaled_losses: weakref.WeakKeyDictionary[Any, dict[Any, Callable[[Any, Any], Any]]] = weakref.WeakKeyDictionary()
+
+
+def _scaled_grad_stats(
+    model: Any,
+    loss_fn: Callable[[Any, Any], Any],
+    inputs: Any,
+    targets: Any,
+    loss_scale: Any,
+    method: str,
+    max_examples_per_pass: int | None,
+) -> tuple[GradStats, list[Any]]:
+    """:func:`grad_stats` of the losses times s, with the statistics (and, for a number, the gradients) unscaled."""
+    tf = _tf()
+    is_optimizer = hasattr(loss_scale, "scale_loss") and hasattr(loss_scale, "inner_optimizer")
+    if is_optimizer:
+        if not loss_scale.built:  # dynamic_scale is created when the optimizer is built
+            loss_scale.build(model.trainable_variables)
+        source = loss_scale.dynamic_scale
+    elif isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool) and 0 < loss_scale < float("inf"):
+        source = float(loss_scale)
+    else:
+        raise ValueError(
+            f"`loss_scale` must be a finite number > 0 or a keras.optimizers.LossScaleOptimizer, got "
+            f"loss_scale={loss_scale!r}. Pass the factor the loss is multiplied by, or the optimizer itself."
+        )
+    variants = _scaled_losses.setdefault(loss_fn, {})
+    key = id(source) if is_optimizer else source
+    if key not in variants:
+
+        def scaled_loss(target: Any, outputs: Any) -> Any:
+            losses = loss_fn(target, outputs)
+            if losses.dtype in (tf.float16, tf.bfloat16):
+                losses = tf.cast(losses, tf.float32)  # float16 overflows at 65504, below the usual scales
+            return losses * tf.cast(tf.convert_to_tensor(source), losses.dtype)
+
+        variants[key] = scaled_loss
+    function = stats_function(model, variants[key], method=method)
+    stats, gradients = function(inputs, targets, max_examples_per_pass=max_examples_per_pass)
+    scale = tf.cast(tf.convert_to_tensor(source), stats.loss.dtype)
+    if not is_optimizer:
+        gradients = [gradient / tf.cast(scale, gradient.dtype) for gradient in gradients]
+    unscaled = GradStats(
+        count=stats.count,
+        loss=stats.loss / scale,
+        grad_sq_norm=stats.grad_sq_norm / scale**2,
+        sq_norm_sum=stats.sq_norm_sum / scale**2,
+    )
+    return unscaled, gradients
