@@ -218,6 +218,10 @@ BAD_INPUTS = {
     "missing data folder": (["--dataset", "mnist", "--data-dir", "{tmp}/does-not-exist"], "does-not-exist"),
     "missing files": (["--dataset", "fashion-mnist", "--data-dir", "{tmp}"], "t10k"),
     "corrupt idx file": (["--dataset", "mnist", "--data-dir", "{corrupt}"], "train-images-idx3-ubyte"),
+    "checkpoint every 0": (["--checkpoint-every", "0"], "--checkpoint-every"),
+    "unknown dtype": (["--dtype", "float16"], "--dtype"),
+    "float64 with tensorflow": (["--backend", "tensorflow", "--dtype", "float64"], "dtype"),
+    "resume without checkpoint": (["--resume"], "no checkpoint to resume from"),
 }
 
 
@@ -234,6 +238,16 @@ def test_bad_input_is_one_line_error_with_exit_status_2(case, tmp_path, cli_env)
     assert len(error_lines) == 1 and error_lines[0].startswith("cabs"), result.stderr
     assert named in error_lines[0]
     assert result.stdout == ""
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_data_file_is_named(tmp_path, cli_env):
+    folder = tmp_path / "mnist"
+    write_mnist_folder(folder)
+    (folder / "train-images-idx3-ubyte.gz").chmod(0)
+    result = run_cabs(["train", "--dataset", "mnist", "--data-dir", str(folder), "--out", str(tmp_path / "o")], cli_env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("cabs: error:") and "train-images-idx3-ubyte" in result.stderr
 
 
 def test_missing_framework_is_one_line_error(tmp_path, cli_env):
