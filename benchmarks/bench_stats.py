@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import inspect
 import json
 import os
@@ -22,11 +23,13 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 MODELS = ("mlp", "cnn")
 METHODS = ("plain", "layerwise", "vmap", "opacus")
+BACKENDS = ("torch", "jax", "tensorflow")
 STATS_EVERY = 16
 
 
@@ -63,7 +66,16 @@ def random_batch(name: str, batch_size: int, device: str):
     return inputs, targets
 
 
-def make_steps(model_name: str, batch_size: int, device: str) -> dict[str, Callable[[], None]]:
+def make_steps(model_name: str, batch_size: int, device: str, backend: str = "torch") -> dict[str, Callable[[], None]]:
+    """One step function per method of ``backend``; each method has its own copy of the parameters."""
+    if backend == "jax":
+        return make_jax_steps(model_name, batch_size)
+    if backend == "tensorflow":
+        return make_tensorflow_steps(model_name, batch_size)
+    return make_torch_steps(model_name, batch_size, device)
+
+
+def make_torch_steps(model_name: str, batch_size: int, device: str) -> dict[str, Callable[[], None]]:
     """One step function per method, each on its own copy of the model (methods must not share ``.grad``)."""
     import torch
 
@@ -136,6 +148,191 @@ def _opacus_step(model, loss_fn, inputs, targets) -> Callable[[], None] | None:
     return step
 
 
+def numpy_batch(name: str, batch_size: int):
+    """Random inputs (channels last for the CNN, the layout of JAX and Keras convolutions) and labels."""
+    import numpy as np
+
+    generator = np.random.default_rng(batch_size)
+    shape = (batch_size, 784) if name == "mlp" else (batch_size, 28, 28, 1)
+    inputs = generator.standard_normal(shape, dtype=np.float32)
+    targets = generator.integers(0, 10, batch_size).astype(np.int32)
+    return inputs, targets
+
+
+def jax_parameters(name: str):
+    """He-initialised parameters of the benchmark models as a list of (weight, bias); kernels HWIO."""
+    import jax
+    import jax.numpy as jnp
+
+    if name == "mlp":
+        shapes = [(784, 1024), (1024, 1024), (1024, 10)]
+    else:
+        shapes = [(5, 5, 1, 32), (5, 5, 32, 64), (64 * 7 * 7, 1024), (1024, 10)]
+    keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
+    parameters = []
+    for key, shape in zip(keys, shapes, strict=True):
+        fan_in = 1
+        for size in shape[:-1]:
+            fan_in *= size
+        weight = jax.random.normal(key, shape, jnp.float32) * (2.0 / fan_in) ** 0.5
+        parameters.append((weight, jnp.zeros(shape[-1], jnp.float32)))
+    return parameters
+
+
+def jax_logits(name: str, parameters, inputs):
+    """Logits of a batch: the MLP, or the paper's CNN (5x5 'same' convolutions, ReLU, 2x2 max-pooling)."""
+    import jax
+    import jax.numpy as jnp
+
+    hidden = inputs
+    dense = parameters
+    if name == "cnn":
+        for weight, bias in parameters[:2]:
+            hidden = jax.lax.conv_general_dilated(
+                hidden, weight, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            hidden = jax.nn.relu(hidden + bias)
+            hidden = jax.lax.reduce_window(hidden, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        hidden = hidden.reshape(hidden.shape[0], -1)
+        dense = parameters[2:]
+    for index, (weight, bias) in enumerate(dense):
+        hidden = hidden @ weight + bias
+        if index < len(dense) - 1:
+            hidden = jax.nn.relu(hidden)
+    return hidden
+
+
+def make_jax_steps(model_name: str, batch_size: int) -> dict[str, Callable[[], None]]:
+    """Plain step: ``jax.value_and_grad`` of the mean loss and the SGD update in one ``jax.jit``.
+
+    CABS step: :class:`cabs.backends.jax.StatsFunction` (``buckets="exact"``, so no padding),
+    ``Controller.step`` and the same jitted update.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import cabs
+    from cabs.backends import jax as cabs_jax
+
+    numpy_inputs, numpy_targets = numpy_batch(model_name, batch_size)
+    inputs, targets = jnp.asarray(numpy_inputs), jnp.asarray(numpy_targets)
+
+    def cross_entropy(logits, labels):
+        log_probabilities = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(log_probabilities, labels[:, None], axis=-1)[:, 0]
+
+    def mean_loss(parameters, x, y):
+        return jnp.mean(cross_entropy(jax_logits(model_name, parameters, x), y))
+
+    def example_loss(parameters, example):
+        return cross_entropy(jax_logits(model_name, parameters, example["x"][None]), example["y"][None])[0]
+
+    update = jax.jit(lambda parameters, grads: jax.tree_util.tree_map(lambda p, g: p - 0.01 * g, parameters, grads))
+
+    @jax.jit
+    def plain_update(parameters, x, y):
+        _, grads = jax.value_and_grad(mean_loss)(parameters, x, y)
+        return jax.tree_util.tree_map(lambda p, g: p - 0.01 * g, parameters, grads)
+
+    state = {"plain": jax_parameters(model_name)}
+
+    def plain_step():
+        state["plain"] = jax.block_until_ready(plain_update(state["plain"], inputs, targets))
+
+    steps = {"plain": plain_step}
+    batch = {"x": inputs, "y": targets}
+
+    def cabs_step_for(method: str):
+        stats_function = cabs_jax.StatsFunction(example_loss, buckets="exact", method=method)
+        controller = cabs.Controller(learning_rate=0.01)
+        state[method] = jax_parameters(model_name)
+
+        def cabs_step():
+            stats, grads = stats_function(state[method], batch)
+            controller.step(stats)
+            state[method] = jax.block_until_ready(update(state[method], grads))
+
+        return cabs_step
+
+    steps["layerwise"] = cabs_step_for("layerwise")
+    steps["vmap"] = cabs_step_for("vmap")
+    return steps
+
+
+def keras_model(name: str):
+    """The benchmark models in Keras (channels last), He-initialised like the others."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    if name == "mlp":
+        stack = [keras.Input((784,)), layers.Dense(1024, activation="relu"), layers.Dense(1024, activation="relu")]
+    else:
+        stack = [
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(32, 5, padding="same", activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(64, 5, padding="same", activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(1024, activation="relu"),
+        ]
+    return keras.Sequential([*stack, layers.Dense(10)])
+
+
+def make_tensorflow_steps(model_name: str, batch_size: int) -> dict[str, Callable[[], None]]:
+    """Plain step: ``tape.gradient`` of the mean loss and the SGD update in one ``tf.function``.
+
+    CABS step: :func:`cabs.backends.tensorflow.stats_function` with the method, ``Controller.step``
+    and the same update as a ``tf.function``.
+    """
+    import keras
+    import tensorflow as tf
+
+    import cabs
+    from cabs.backends import tensorflow as cabs_tf
+
+    numpy_inputs, numpy_targets = numpy_batch(model_name, batch_size)
+    inputs, targets = tf.constant(numpy_inputs), tf.constant(numpy_targets)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+    def sgd_update(variables, grads):
+        for variable, grad in zip(variables, grads, strict=True):
+            variable.assign_sub(0.01 * grad)
+
+    plain_model = keras_model(model_name)
+
+    @tf.function
+    def plain_step_function(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(loss_fn(y, plain_model(x, training=True)))
+        sgd_update(plain_model.trainable_variables, tape.gradient(loss, plain_model.trainable_variables))
+
+    def plain_step():
+        plain_step_function(inputs, targets)
+        plain_model.trainable_variables[0].numpy()  # wait for the update
+
+    steps = {"plain": plain_step}
+
+    def cabs_step_for(method: str):
+        model = keras_model(model_name)
+        stats_function = cabs_tf.stats_function(model, loss_fn, method=method)
+        update = tf.function(lambda grads: sgd_update(model.trainable_variables, grads))
+        controller = cabs.Controller(learning_rate=0.01)
+
+        def cabs_step():
+            stats, grads = stats_function(inputs, targets)
+            controller.step(stats)
+            update(grads)
+            model.trainable_variables[0].numpy()
+
+        return cabs_step
+
+    steps["layerwise"] = cabs_step_for("layerwise")
+    steps["vmap"] = cabs_step_for("vmap")
+    return steps
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -143,10 +340,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(model_name: str, batch_size: int, device: str, repeats: int, methods: list[str]) -> dict:
+def time_methods(
+    model_name: str, batch_size: int, device: str, repeats: int, methods: list[str], backend: str = "torch"
+) -> dict:
     """Median seconds per step of each method, the methods interleaved within each repetition."""
-    steps = {key: value for key, value in make_steps(model_name, batch_size, device).items() if key in methods}
-    for step in steps.values():  # warm-up: first-call allocations, lazy initialisation
+    steps = {key: value for key, value in make_steps(model_name, batch_size, device, backend).items() if key in methods}
+    for step in steps.values():  # warm-up: first-call allocations, lazy initialisation, compiling or tracing
         step()
     times: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(repeats):
@@ -172,12 +371,19 @@ def _reset_peak_resident() -> None:
         clear_refs.write("5")
 
 
-def measure_memory(model_name: str, batch_size: int, device: str, method: str) -> int | None:
-    """Peak extra memory of the first step (bytes): over the model and data alone, in a fresh process."""
-    steps = make_steps(model_name, batch_size, device)
+def measure_memory(model_name: str, batch_size: int, device: str, method: str, backend: str = "torch") -> int | None:
+    """Peak extra memory of one step (bytes), in a fresh process.
+
+    PyTorch: the first step, over the model and data alone. JAX and TensorFlow: the second
+    step, so that compiling or tracing (which the first call does) is not counted.
+    """
+    steps = make_steps(model_name, batch_size, device, backend)
     if method not in steps:
         return None
     step = steps[method]
+    if backend != "torch":
+        step()
+        gc.collect()
     if device.startswith("cuda"):
         import torch
 
@@ -194,9 +400,11 @@ def measure_memory(model_name: str, batch_size: int, device: str, method: str) -
     return max(0, _status_bytes("VmHWM") - before)
 
 
-def memory_in_fresh_process(model_name: str, batch_size: int, device: str, method: str) -> int | None:
+def memory_in_fresh_process(
+    model_name: str, batch_size: int, device: str, method: str, backend: str = "torch", threads: int | None = None
+) -> int | None:
     command = [sys.executable, __file__, "--measure-memory", model_name, str(batch_size), method, "--device", device]
-    command += ["--threads", str(torch_threads())]
+    command += ["--backend", backend] + (["--threads", str(threads)] if threads else [])
     # A fixed mmap threshold returns every large block to the system on free, so the resident size
     # follows what is live; glibc's sliding threshold otherwise keeps freed blocks and makes RSS noise.
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -219,9 +427,7 @@ def profile_layerwise(model_name: str, batch_size: int, device: str, rows: int =
     return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
-def machine_description(device: str) -> str:
-    import torch
-
+def machine_description(device: str, backend: str = "torch") -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -230,10 +436,17 @@ def machine_description(device: str) -> str:
         pass
     parts = [
         f"{platform.system()} {platform.machine()}, CPU {cpu}, {os.cpu_count()} logical cores",
-        f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
-        f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else ""),
+        f"Python {platform.python_version()}, {framework_description(backend)}",
         "load average at start {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
     ]
+    if backend == "torch":
+        import torch
+
+        parts.insert(
+            2, f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else "")
+        )
+    else:
+        return "; ".join(parts)
     try:
         import opacus
 
@@ -241,6 +454,23 @@ def machine_description(device: str) -> str:
     except ImportError:
         parts.append("opacus not installed (no side-by-side row)")
     return "; ".join(parts)
+
+
+def framework_description(backend: str) -> str:
+    """The framework's version and how many threads it computes with."""
+    if backend == "jax":
+        import jax
+
+        threads = "1 thread (XLA_FLAGS)" if "intra_op_parallelism_threads=1" in os.environ.get("XLA_FLAGS", "") else ""
+        return f"jax {jax.__version__}, devices {jax.devices()}" + (f", {threads}" if threads else "")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        threads = tf.config.threading.get_intra_op_parallelism_threads() or "default"
+        return f"tensorflow {tf.__version__}, intra-op threads {threads}"
+    import torch
+
+    return f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"
 
 
 def results_table(results: list[dict]) -> str:
@@ -271,7 +501,12 @@ def results_table(results: list[dict]) -> str:
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", default="torch", choices=["torch"], help="only torch has this benchmark so far")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=[*BACKENDS, "all"],
+        help="framework to measure; 'all' runs each in its own process, one after another",
+    )
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 128, 1024, 2048])
@@ -293,10 +528,53 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def torch_threads() -> int:
-    import torch
+def set_threads(backend: str, threads: int | None) -> None:
+    """Limit the framework to ``threads`` intra-op threads (steadier timings on a shared machine)."""
+    if not threads:
+        return
+    if backend == "jax":
+        # Read when the XLA CPU client starts, so it must be set before the first computation.
+        flags = (
+            f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}"
+        )
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+    elif backend == "tensorflow":
+        import tensorflow as tf  # torch was imported first, by the --device default
 
-    return torch.get_num_threads()
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def run_each_backend(argv: list[str], output: str | None) -> None:
+    """``--backend all``: one fresh process per backend (torch must be imported before tensorflow)."""
+    parts = []
+    for backend in BACKENDS:
+        command = [sys.executable, __file__, *replace_option(argv, "--backend", backend)]
+        command = replace_option(command, "--output", None)
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        parts.append(f"### {backend}\n\n{result.stdout.strip()}\n")
+    text = "\n".join(parts)
+    print(text)
+    if output:
+        with open(output, "w") as file:
+            file.write(text)
+
+
+def replace_option(argv: list[str], option: str, value: str | None) -> list[str]:
+    """``argv`` without ``option`` (and its value), then with ``option value`` if value is not None."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            kept.append(item)
+    return kept if value is None else [*kept, option, value]
 
 
 def _cuda_available() -> bool:
@@ -307,34 +585,46 @@ def _cuda_available() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     arguments = parse_arguments(argv)
-    if arguments.threads:
-        import torch
-
-        torch.set_num_threads(arguments.threads)
+    if arguments.backend == "all":
+        run_each_backend(sys.argv[1:] if argv is None else argv, arguments.output)
+        return
+    if arguments.backend == "tensorflow":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras-home-"))
+    set_threads(arguments.backend, arguments.threads)
     if arguments.measure_memory:
         model_name, batch, method = arguments.measure_memory
-        print(json.dumps({"bytes": measure_memory(model_name, int(batch), arguments.device, method)}))
+        measured = measure_memory(model_name, int(batch), arguments.device, method, arguments.backend)
+        print(json.dumps({"bytes": measured}))
         return
-    description = machine_description(arguments.device)
+    description = machine_description(arguments.device, arguments.backend)
     print(description, file=sys.stderr)
     results = []
     for model_name in arguments.models:
         for batch_size in arguments.batch_sizes:
             methods = ["plain", *[method for method in arguments.methods if method != "plain"]]
+            if arguments.backend != "torch":
+                methods = [method for method in methods if method != "opacus"]  # a PyTorch library
             if batch_size > arguments.reference_max_batch:
                 methods = [method for method in methods if method in ("plain", "layerwise")]
             row = {"model": model_name, "batch": batch_size, "memory": {}}
-            row["time"] = time_methods(model_name, batch_size, arguments.device, arguments.repeats, methods)
+            row["time"] = time_methods(
+                model_name, batch_size, arguments.device, arguments.repeats, methods, arguments.backend
+            )
             if not arguments.no_memory:
                 for method in row["time"]:
-                    row["memory"][method] = memory_in_fresh_process(model_name, batch_size, arguments.device, method)
+                    row["memory"][method] = memory_in_fresh_process(
+                        model_name, batch_size, arguments.device, method, arguments.backend, arguments.threads
+                    )
             print(json.dumps(row), file=sys.stderr, flush=True)
             results.append(row)
     memory_note = "peak extra memory of one step in a fresh process: " + (
         "torch.cuda.max_memory_allocated"
-        if arguments.device.startswith("cuda")
+        if arguments.device.startswith("cuda") and arguments.backend == "torch"
         else "growth of the peak resident set size (VmHWM reset before the step, minus VmRSS before it)"
     )
+    if arguments.backend != "torch":
+        memory_note += " of the second step (the first compiles or traces)"
     markdown = [
         f"Machine: {description}; load average at end {os.getloadavg()[0]:.2f}.",
         "",
@@ -345,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         results_table(results),
     ]
-    if arguments.profile:
+    if arguments.profile and arguments.backend == "torch":
         for model_name in arguments.models:
             batch = 128
             markdown += [
