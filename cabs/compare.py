@@ -514,7 +514,7 @@ def _configuration_rows(
 def _mean_spread(summary: dict[str, float | None], format_spec: str, scale: float = 1.0) -> str:
     if summary["mean"] is None:
         return "-"
-    return f"{summary['mean'] * scale:{format_spec}} ± {summary['std'] * scale:{format_spec}}"
+    return f"{summary['mean'] * scale:{format_spec}} ± {(summary['std'] or 0.0) * scale:{format_spec}}"
 
 
 def markdown_table(comparison: dict[str, Any]) -> str:
