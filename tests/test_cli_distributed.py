@@ -113,3 +113,43 @@ def test_more_devices_than_jax_has_is_a_clear_error(tmp_path, capsys):
         main(["train", "--backend", "jax", "--devices", str(count + 1), "--out", str(tmp_path / "run")])
     assert raised.value.code == 2
     assert f"`devices` must be at most the number of JAX devices ({count} here" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_torchrun_resume_keeps_every_step_once(tmp_path):
+    # Both workers are killed after step 6 (checkpoint at 4) and the run resumes under torchrun:
+    # only rank 0 cuts metrics.jsonl back and appends, so steps 5..12 are written once, after 1..4.
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cabs")
+    shared = ["--backend", "torch", *COMMON, "--dtype", "float64", "--out", "run", "--checkpoint-every", "4"]
+    reference = _run(["--backend", "torch", *COMMON, "--dtype", "float64", "--out", "single", "--quiet"], tmp_path)
+    assert reference.stdout == ""
+    killed = subprocess.run(
+        [sys.executable, *launcher, "train", *shared],
+        cwd=tmp_path,
+        env={**_environment(), "CABS_TEST_KILL_AT_STEP": "6"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode != 0
+    assert [record["step"] for record in _records(tmp_path / "run")] == list(range(1, 7))
+    _run([*shared, "--resume"], tmp_path, launcher)
+    records, expected = _records(tmp_path / "run"), _records(tmp_path / "single")
+    assert [record["step"] for record in records] == list(range(1, STEPS + 1))
+    assert [record["batch_size"] for record in records] == [record["batch_size"] for record in expected]
+    np.testing.assert_allclose(
+        [record["loss"] for record in records], [record["loss"] for record in expected], rtol=1e-10
+    )
+
+
+def test_restore_on_other_workers_reads_metrics_without_rewriting(tmp_path):
+    from cabs.training import checkpoint
+
+    path = tmp_path / "metrics.jsonl"
+    content = "".join(json.dumps({"step": step}) + "\n" for step in (1, 2, 3)) + '{"step": 4'  # torn last line
+    path.write_text(content)
+    inode = path.stat().st_ino
+    assert checkpoint.truncate_metrics(path, 2, rewrite=False) == [{"step": 1}, {"step": 2}]
+    assert path.read_text() == content and path.stat().st_ino == inode  # neither rewritten nor replaced
+    assert checkpoint.truncate_metrics(path, 2) == [{"step": 1}, {"step": 2}]
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'

@@ -171,12 +171,14 @@ def settings_difference(saved: dict[str, Any], here: dict[str, Any], name: Calla
     return ", ".join(f"{name(key)}: saved {saved.get(key)!r}, here {here.get(key)!r}" for key in differ)
 
 
-def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+def truncate_metrics(path: Path, step: int, *, rewrite: bool = True) -> list[dict[str, Any]]:
     """Cut ``metrics.jsonl`` back to the records of steps ``1..step``; return them.
 
     Lines after the checkpoint's step were written by steps that the resumed run
     repeats, and a last line without its newline is torn by the crash; both go. The
-    shortened file replaces the old one atomically.
+    shortened file replaces the old one atomically. With ``rewrite=False`` the file is
+    only read: a data-parallel worker other than the first must not replace the file
+    the first one is appending to.
 
     Raises:
         CheckpointError: the file lacks some of the steps up to ``step``.
@@ -200,6 +202,8 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
             f"{path} holds {len(records)} whole records in step order but the checkpoint is at step {step}; "
             f"the metrics file does not belong to this checkpoint. Delete the checkpoint to start over."
         )
+    if not rewrite:
+        return records
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(temporary, _FILE_MODE)
@@ -263,12 +267,15 @@ class Checkpointer:
         }
         save(self.path, meta, self._task.state_dict())
 
-    def restore(self, metrics_path: Path, steps: int | None) -> tuple[int, float, list[dict[str, Any]]]:
+    def restore(
+        self, metrics_path: Path, steps: int | None, *, rewrite_metrics: bool = True
+    ) -> tuple[int, float, list[dict[str, Any]]]:
         """Load the checkpoint into the controller, sampler and task; cut the metrics file to match.
 
         Args:
             metrics_path: the run's ``metrics.jsonl``.
             steps: the step budget of this run (None: an epoch budget).
+            rewrite_metrics: cut the file (the first worker); False only reads it (the others).
 
         Returns:
             ``(step, wall_time, records)``: the last saved step, the training time until
@@ -303,7 +310,7 @@ class Checkpointer:
                 f"the checkpoint {self.path} does not fit this run ({type(error).__name__}: "
                 f"{' '.join(str(error).split())}). Delete it to start over."
             ) from error
-        return step, float(meta["wall_time"]), truncate_metrics(metrics_path, step)
+        return step, float(meta["wall_time"]), truncate_metrics(metrics_path, step, rewrite=rewrite_metrics)
 
 
 class StopOnInterrupt:

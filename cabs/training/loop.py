@@ -254,7 +254,8 @@ def train(
     checkpoints = checkpoint.Checkpointer(out, config, dataset.x_train, dataset.y_train, controller, sampler, task)
     start_step, elapsed, records = 0, 0.0, []
     if config.resume:
-        start_step, elapsed, records = checkpoints.restore(out / "metrics.jsonl", steps)
+        # Every worker loads the state; only the first rewrites the metrics file it then appends to.
+        start_step, elapsed, records = checkpoints.restore(out / "metrics.jsonl", steps, rewrite_metrics=workers.main)
         schedule.skip_to(sampler.examples_seen)
         say(f"resuming from {checkpoints.path} at step {start_step}")
     evaluations = [record for record in records if "test_accuracy" in record]
