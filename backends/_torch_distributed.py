@@ -127,15 +127,11 @@ class StatsAccumulator:
         self._sums[_COUNT] += count
         self._sums[_LOSS_SUM] += stats.loss.to(self._dtype) * count
         self._sums[_SQ_NORM_SUM] += stats.sq_norm_sum.to(self._dtype)
-        offset = _HEADER
+        # The adapter leaves the micro-batch's mean gradient in every trainable .grad; sums add.
+        # One concatenation and one multiply-add, not a slice update per parameter.
         with torch.no_grad():
-            for parameter in self._trainable.values():
-                size = parameter.numel()
-                # The adapter leaves the micro-batch's mean gradient in every trainable .grad; sums add.
-                mean_grad = parameter.grad
-                assert mean_grad is not None
-                self._sums[offset : offset + size] += mean_grad.reshape(-1).to(self._dtype) * count
-                offset += size
+            mean_grads = [parameter.grad.reshape(-1) for parameter in self._trainable.values()]  # type: ignore[union-attr]
+            self._sums[_HEADER:] += torch.cat(mean_grads).to(self._dtype) * count
 
     def reduce(self) -> GradStats:
         """All-reduce the sums once, leave the global mean gradient in ``.grad``, return the statistics.
@@ -156,15 +152,14 @@ class StatsAccumulator:
                 "the global batch must hold at least one example, got m=0 on every worker. "
                 "Give the sampler a batch size >= 1."
             )
-        grad_sq_norm = torch.zeros((), dtype=self._dtype, device=self._device)
-        offset = _HEADER
         with torch.no_grad():
-            for parameter in self._trainable.values():
-                size = parameter.numel()
-                mean_grad = sums[offset : offset + size].reshape(parameter.shape) / count
-                grad_sq_norm += mean_grad.pow(2).sum()
-                parameter.grad = mean_grad.to(parameter.dtype)
-                offset += size
+            # The whole mean gradient in one division and one norm; each .grad gets its own copy
+            # (not a view of the flat buffer), as after an ordinary backward.
+            mean_grad = sums[_HEADER:] / count
+            grad_sq_norm = mean_grad.pow(2).sum()
+            sizes = [parameter.numel() for parameter in self._trainable.values()]
+            for parameter, flat in zip(self._trainable.values(), mean_grad.split(sizes), strict=True):
+                parameter.grad = flat.to(parameter.dtype, copy=True).reshape(parameter.shape)
         return GradStats(
             count=torch.round(count).to(torch.int64),
             loss=sums[_LOSS_SUM] / count,
