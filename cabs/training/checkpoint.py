@@ -106,7 +106,7 @@ def save(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
     try:
         os.chmod(temporary, _FILE_MODE)  # mkstemp's 0600 would hide the checkpoint from the user's group
         with os.fdopen(descriptor, "wb") as file:
-            np.savez(file, **members)
+            np.savez(file, **members)  # type: ignore[arg-type]  # numpy's stub types allow_pickle only
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -187,7 +187,8 @@ def truncate_metrics(path: Path, step: int, *, rewrite: bool = True) -> list[dic
         content = path.read_bytes()
     except FileNotFoundError:
         content = b""
-    records, kept = [], []
+    records: list[dict[str, Any]] = []
+    kept: list[bytes] = []
     for line in content.split(b"\n")[:-1]:  # the part after the last newline is torn or empty
         try:
             record = json.loads(line)

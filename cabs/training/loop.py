@@ -252,7 +252,8 @@ def train(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoints = checkpoint.Checkpointer(out, config, dataset.x_train, dataset.y_train, controller, sampler, task)
-    start_step, elapsed, records = 0, 0.0, []
+    start_step, elapsed = 0, 0.0
+    records: list[dict[str, Any]] = []
     if config.resume:
         # Every worker loads the state; only the first rewrites the metrics file it then appends to.
         start_step, elapsed, records = checkpoints.restore(out / "metrics.jsonl", steps, rewrite_metrics=workers.main)
