@@ -53,7 +53,7 @@ def _torch_worker(rank: int, world_size: int, port: int, steps: int, batch: int,
     from cabs.backends import torch as cabs_torch
     from cabs.data import shard_bounds
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # 2 processes on 2 cores: more threads would oversubscribe them, in both steps
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     torch.manual_seed(0)
     layers = [torch.nn.Linear(FEATURES, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU()]
