@@ -384,8 +384,15 @@ def _dense_sq_norms(eqn: Any, use: _Use, other: Any, output_grad: Any) -> Any:
     return _outer_sq_norms(activations, output_grads)
 
 
-def _conv_sq_norms(eqn: Any, use: _Use, inputs: Any, output_grad: Any) -> Any:
-    """``conv_general_dilated`` with the parameter as kernel: patches [b, 1, T, p], output gradient [b, 1, T, q]."""
+def _conv_sq_norms(eqn: Any, use: _Use, inputs: Any, output_grad: Any) -> tuple[Any, Any]:
+    """``conv_general_dilated`` with the parameter as kernel: patches [b, 1, T, p], output gradient [b, 1, T, q].
+
+    Returns:
+        ``(norms, kernel_grad_sum)``: the per-example squared norms, and when the explicit
+        per-example products ``A_i^T D_i`` were formed (and the convolution has one feature
+        and batch group), their sum over the batch as the kernel's gradient sum (in the
+        kernel's layout, before the leaf's chain), else None.
+    """
     numbers = eqn.params["dimension_numbers"]
     rhs_spec, out_spec = numbers.rhs_spec, numbers.out_spec
     kernel_shape = eqn.invars[1].aval.shape
@@ -403,13 +410,63 @@ def _conv_sq_norms(eqn: Any, use: _Use, inputs: Any, output_grad: Any) -> Any:
             precision=_HIGHEST,
         )
 
-    patches = jax.vmap(patches_of)(inputs)
     # Both in the output layout: positions (batch and spatial axes of the output) first, features last.
     order = (0, 1 + out_spec[0], *(1 + axis for axis in out_spec[2:]), 1 + out_spec[1])
     size = inputs.shape[0]
-    activations = jnp.reshape(jnp.transpose(patches, order), (size, 1, -1, patches.shape[1 + out_spec[1]]))
+    sliced = _sliced_patches(eqn, inputs, filter_shape, output_grad)
+    if sliced is not None:
+        activations = sliced[:, None]
+    else:
+        patches = jax.vmap(patches_of)(inputs)
+        activations = jnp.reshape(jnp.transpose(patches, order), (size, 1, -1, patches.shape[1 + out_spec[1]]))
     output_grads = jnp.reshape(jnp.transpose(output_grad, order), (size, 1, -1, output_grad.shape[1 + out_spec[1]]))
-    return _outer_sq_norms(activations, output_grads)
+    steps, patch_size, channels = activations.shape[2], activations.shape[3], output_grads.shape[3]
+    single_group = eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1
+    if steps == 1 or steps * steps * (patch_size + channels) <= steps * patch_size * channels or not single_group:
+        return _outer_sq_norms(activations, output_grads), None
+    # The explicit form already holds every example's kernel gradient A_i^T D_i: its sum is the
+    # kernel's gradient sum, which saves the batched VJP of the convolution (a second weight-gradient pass).
+    explicit = jnp.einsum("btp,btq->bpq", activations[:, 0], output_grads[:, 0], precision=_HIGHEST)
+    norms = jnp.sum(explicit**2, axis=(1, 2))
+    # Patch features are ordered (input channel, filter positions...); the canonical kernel is (O, I, filter...).
+    canonical = jnp.reshape(jnp.transpose(jnp.sum(explicit, axis=0)), (channels, -1, *filter_shape))
+    return norms, jnp.transpose(canonical, tuple(int(axis) for axis in np.argsort(rhs_spec)))
+
+
+def _sliced_patches(eqn: Any, inputs: Any, filter_shape: tuple[int, ...], output_grad: Any) -> Any:
+    """Patches [b, T, p] as strided slices of the padded input, or None where this does not apply.
+
+    ``conv_general_dilated_patches`` extracts patches by a convolution with an identity
+    kernel of p output channels, which costs ``T p^2`` per example (for the paper's second
+    MNIST layer, p = 800, more than the layer itself); one strided slice per filter position
+    only copies. Positions are ordered (output batch, output spatial axes), features
+    (input channel, filter positions), as in the patch convolution's output.
+    """
+    numbers = eqn.params["dimension_numbers"]
+    padding = eqn.params["padding"]
+    if any(factor != 1 for factor in eqn.params["lhs_dilation"]) or any(low < 0 or high < 0 for low, high in padding):
+        return None
+    lhs_spec, out_spec = numbers.lhs_spec, numbers.out_spec
+    size = inputs.shape[0]
+    canonical = jnp.transpose(inputs, (0, *(1 + axis for axis in lhs_spec)))  # [b, N, C, spatial...]
+    canonical = jnp.pad(canonical, ((0, 0), (0, 0), (0, 0), *padding))
+    output_sizes = tuple(output_grad.shape[1 + axis] for axis in out_spec[2:])
+    strides, dilation = eqn.params["window_strides"], eqn.params["rhs_dilation"]
+    slices = []
+    for offset in np.ndindex(*filter_shape):
+        start = (0, 0, 0, *(position * factor for position, factor in zip(offset, dilation, strict=True)))
+        limit = (
+            *canonical.shape[:3],
+            *(
+                first + (count - 1) * stride + 1
+                for first, count, stride in zip(start[3:], output_sizes, strides, strict=True)
+            ),
+        )
+        slices.append(lax.slice(canonical, start, limit, (1, 1, 1, *strides)))
+    stacked = jnp.stack(slices, axis=3)  # [b, N, C, K, out spatial...]
+    spatial = tuple(range(4, stacked.ndim))
+    positions = jnp.transpose(stacked, (0, 1, *spatial, 2, 3))
+    return jnp.reshape(positions, (size, -1, stacked.shape[2] * stacked.shape[3]))
 
 
 def _embedding_sq_norms(eqn: Any, indices: Any, output_grad: Any) -> Any:
@@ -530,10 +587,14 @@ def layerwise_batch_sums(
             if use.kind == "dense":
                 norms = _dense_sq_norms(eqn, use, wide[0], output_grad.astype(dtype))
             elif use.kind == "conv":
-                norms = _conv_sq_norms(eqn, use, wide[0], output_grad.astype(dtype))
+                norms, kernel_grad_sum = _conv_sq_norms(eqn, use, wide[0], output_grad.astype(dtype))
+                if kernel_grad_sum is not None and not use.chain:
+                    # The leaf is the kernel itself (no layout steps to undo), in the accumulation dtype.
+                    grad_sum[use.leaf] = kernel_grad_sum
             else:
                 norms = _embedding_sq_norms(eqn, others[0], output_grad.astype(dtype))
-            grad_sum[use.leaf] = _batched_grad_sum(eqn, use, leaf_value, others, output_grad).astype(dtype)
+            if grad_sum[use.leaf] is None:
+                grad_sum[use.leaf] = _batched_grad_sum(eqn, use, leaf_value, others, output_grad).astype(dtype)
         square_norms = square_norms + _keep(mask, norms)
     return BatchSums(
         count=jnp.sum(mask, dtype=jnp.int32),
