@@ -51,6 +51,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _memory_size(text: str) -> int:
+    from cabs.training.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"must be a size such as 512MB or 2GiB, got {text!r}") from error
+
+
 def _add_train_parser(commands: Any) -> None:
     from cabs.training.loop import BACKENDS, DEFAULT_STEPS, DTYPES, TrainConfig
     from cabs.training.models import MODELS
@@ -130,6 +139,14 @@ def _add_train_parser(commands: Any) -> None:
         action="store_true",
         help="continue the run in --out from its checkpoint, with the same options (--steps may grow)",
     )
+    train.add_argument(
+        "--memory-budget",
+        type=_memory_size,
+        default=None,
+        metavar="BYTES",
+        help="memory one pass of the statistics may use, e.g. 512MB or 2GiB: a larger batch runs in several "
+        "passes whose sums add up to the whole batch's (estimate: docs/cli.md)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     train.add_argument("--debug", action="store_true", help="show the traceback of an error")
     train.set_defaults(handler=_run_train)
@@ -179,6 +196,7 @@ def _run_train(arguments: argparse.Namespace) -> int:
         dtype=arguments.dtype,
         checkpoint_every=arguments.checkpoint_every,
         resume=arguments.resume,
+        memory_budget=arguments.memory_budget,
     )
     log = None if arguments.quiet else (lambda text: print(text, file=sys.stderr))
     # Host devices must be requested before JAX is first imported, so before the workers' set-up.

@@ -65,6 +65,8 @@ class JaxTask:
         mesh: a data mesh (:func:`cabs.backends.jax.data_mesh`) to split each batch over its
             devices; the statistics are reduced across them inside the compiled step.
         dtype: ``"float32"`` or ``"float64"`` (turns on ``jax_enable_x64`` for the process).
+        max_examples_per_pass: at most this many examples differentiated at once (see
+            :class:`cabs.backends.jax.StatsFunction`). None: the whole batch.
     """
 
     backend = "jax"
@@ -80,6 +82,7 @@ class JaxTask:
         max_batch_size: int,
         mesh: Any = None,
         dtype: str = "float32",
+        max_examples_per_pass: int | None = None,
     ) -> None:
         if dtype == "float64":
             jax.config.update("jax_enable_x64", True)  # JAX otherwise silently makes float64 arrays float32
@@ -95,7 +98,9 @@ class JaxTask:
         def example_loss(params: Any, example: Any) -> Any:
             return _cross_entropy(_forward(model, params, example["x"][None]), example["y"][None])[0]
 
-        self.stats_function = cabs_jax.StatsFunction(example_loss, max_batch_size=max_batch_size, mesh=mesh)
+        self.stats_function = cabs_jax.StatsFunction(
+            example_loss, max_batch_size=max_batch_size, mesh=mesh, max_examples_per_pass=max_examples_per_pass
+        )
         self.learning_rate = learning_rate
         # The step size is an argument, not a constant of the compiled update, so a decay does not recompile.
         self._update = jax.jit(

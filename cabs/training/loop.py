@@ -33,7 +33,7 @@ import numpy as np
 from cabs import backends
 from cabs._stats import GradStats
 from cabs.controller import Controller
-from cabs.training import checkpoint, distributed, models
+from cabs.training import checkpoint, distributed, memory, models
 
 __all__ = ["BACKENDS", "DEFAULT_STEPS", "Task", "TrainConfig", "make_task", "train"]
 
@@ -88,6 +88,9 @@ class TrainConfig:
         checkpoint_every: save ``checkpoint.npz`` in ``out`` every this many steps, at the end
             and on Ctrl-C.
         resume: continue from the checkpoint in ``out`` instead of starting over.
+        memory_budget: bytes one pass of the statistics may use (None: the whole batch in one
+            pass); sets the adapters' ``max_examples_per_pass`` from the estimate of
+            :mod:`cabs.training.memory`. The statistics are those of the whole batch.
     """
 
     backend: str = "torch"
@@ -107,6 +110,7 @@ class TrainConfig:
     dtype: str = "float32"
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     resume: bool = False
+    memory_budget: int | None = None
 
     def validate(self) -> None:
         """Check the settings that no library call checks; raise ValueError naming the bad one."""
@@ -131,6 +135,11 @@ class TrainConfig:
             )
         if self.checkpoint_every < 1:
             raise ValueError(f"`checkpoint_every` must be >= 1, got checkpoint_every={self.checkpoint_every}.")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ValueError(
+                f"`memory_budget` must be a number of bytes >= 1, got memory_budget={self.memory_budget}. "
+                "Pass e.g. --memory-budget 512MB, or leave it out."
+            )
 
 
 def make_task(
@@ -156,6 +165,9 @@ def make_task(
         options["seed"] = config.seed
     if config.dtype != "float32":
         options["dtype"] = config.dtype
+    if config.memory_budget is not None:
+        itemsize = np.dtype(config.dtype).itemsize
+        options["max_examples_per_pass"] = memory.examples_per_pass(architecture, itemsize, config.memory_budget)
     options.update(task_options or {})
     task_class = getattr(module, _TASKS[config.backend])
     task = task_class(architecture, parameters, x_train, dataset.y_train, config.learning_rate, **options)

@@ -76,12 +76,25 @@ class TensorFlowTask:
         learning_rate: the SGD step size.
         strategy: a ``tf.distribute`` strategy (e.g. ``MirroredStrategy``) to split each batch over
             its replicas; their statistics are summed with the strategy's reduce. None: one device.
+        max_examples_per_pass: at most this many examples per forward and backward pass of the
+            statistics (one device); the passes' sums add up to the whole batch's. None: one pass.
     """
 
     backend = "tensorflow"
 
-    def __init__(self, model, parameters, x_train, y_train, learning_rate: float, *, strategy: Any = None) -> None:
+    def __init__(
+        self,
+        model,
+        parameters,
+        x_train,
+        y_train,
+        learning_rate: float,
+        *,
+        strategy: Any = None,
+        max_examples_per_pass: int | None = None,
+    ) -> None:
         self.strategy = strategy
+        self.max_examples_per_pass = max_examples_per_pass
         # Under a strategy the variables and the optimizer's state are mirrored on every replica.
         with contextlib.nullcontext() if strategy is None else strategy.scope():
             self.network = _network(model, parameters)
@@ -104,7 +117,7 @@ class TensorFlowTask:
             split = cabs_tf.split_across_replicas
             stats = self._distributed_step(split(self.strategy, inputs), split(self.strategy, targets))
             return stats, float(stats.loss)
-        stats, gradients = self.stats_function(inputs, targets)
+        stats, gradients = self.stats_function(inputs, targets, max_examples_per_pass=self.max_examples_per_pass)
         self.optimizer.apply_gradients(zip(gradients, self.network.trainable_variables, strict=True))
         return stats, float(stats.loss)
 

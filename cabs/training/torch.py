@@ -65,6 +65,8 @@ class TorchTask:
         process_group: a ``torch.distributed`` group (torchrun's workers): each step's indices are
             this worker's share of the global batch and the statistics and mean gradient are
             reduced over the group. None: one process.
+        max_examples_per_pass: at most this many examples per forward and backward pass (and
+            per vmap chunk); the sums of the passes add up to the whole batch's. None: one pass.
     """
 
     backend = "torch"
@@ -81,8 +83,10 @@ class TorchTask:
         seed: int = 0,
         dtype: str = "float32",
         process_group: Any = None,
+        max_examples_per_pass: int | None = None,
     ) -> None:
         self.process_group = process_group
+        self.max_examples_per_pass = max_examples_per_pass
         if threads is not None:
             torch.set_num_threads(threads)
         self.numpy_dtype = np.dtype(dtype)
@@ -110,7 +114,13 @@ class TorchTask:
         if self.crop is not None:
             inputs = torch.from_numpy(crop_batch(inputs.numpy(), self.crop, self._crop_generator))
         stats = cabs_torch.grad_stats(
-            self.network, self.loss_fn, inputs, self.y_train[index], process_group=self.process_group
+            self.network,
+            self.loss_fn,
+            inputs,
+            self.y_train[index],
+            process_group=self.process_group,
+            max_examples_per_pass=self.max_examples_per_pass,
+            chunk_size=self.max_examples_per_pass,
         )
         self.optimizer.step()
         return stats, float(stats.loss)
