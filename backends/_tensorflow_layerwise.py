@@ -165,14 +165,45 @@ def conv_patches(layer: Any, inputs: Any, padding: str, dtype: Any) -> Any:
         sizes, strides, rates = (1, *layer.kernel_size), (1, *layer.strides), (1, *layer.dilation_rate)
     else:
         sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate
-    patches = tf.image.extract_patches(
-        tf.cast(inputs, dtype),
-        sizes=[1, *sizes, 1],
-        strides=[1, *strides, 1],
-        rates=[1, *rates, 1],
-        padding=padding.upper(),
-    )
-    return tf.reshape(patches, [-1, patches.shape[1] * patches.shape[2], patches.shape[3]])
+    inputs = tf.cast(inputs, dtype)
+    if inputs.shape[1] is None or inputs.shape[2] is None:
+        patches = tf.image.extract_patches(
+            inputs, sizes=[1, *sizes, 1], strides=[1, *strides, 1], rates=[1, *rates, 1], padding=padding.upper()
+        )
+        return tf.reshape(patches, [-1, patches.shape[1] * patches.shape[2], patches.shape[3]])
+    return _sliced_patches(inputs, sizes, strides, rates, padding)
+
+
+def _sliced_patches(inputs: Any, sizes: Any, strides: Any, rates: Any, padding: str) -> Any:
+    """``tf.image.extract_patches`` as one strided slice of the padded input per kernel position.
+
+    The same values in the same order (kernel row, kernel column, channel), but several times
+    faster on CPU: for the paper's MNIST network extract_patches took most of the statistics' time.
+    """
+    tf = _tf()
+    spatial = inputs.shape[1:3]
+    extents = [(size - 1) * rate + 1 for size, rate in zip(sizes, rates, strict=True)]
+    if padding.lower() == "same":
+        outputs = [-(-length // stride) for length, stride in zip(spatial, strides, strict=True)]
+        totals = [
+            max((count - 1) * stride + extent - length, 0)
+            for count, stride, extent, length in zip(outputs, strides, extents, spatial, strict=True)
+        ]
+        inputs = tf.pad(inputs, [[0, 0], *([total // 2, total - total // 2] for total in totals), [0, 0]])
+    else:
+        outputs = [
+            -(-(length - extent + 1) // stride)
+            for length, extent, stride in zip(spatial, extents, strides, strict=True)
+        ]
+    slices = []
+    for row in range(sizes[0]):
+        for column in range(sizes[1]):
+            top, left = row * rates[0], column * rates[1]
+            bottom = top + (outputs[0] - 1) * strides[0] + 1
+            right = left + (outputs[1] - 1) * strides[1] + 1
+            slices.append(inputs[:, top : bottom : strides[0], left : right : strides[1], :])
+    stacked = tf.stack(slices, axis=3)  # [m, out rows, out columns, kernel positions, channels]
+    return tf.reshape(stacked, [-1, outputs[0] * outputs[1], len(slices) * inputs.shape[3]])
 
 
 def _channels_last(layer: Any, tensor: Any) -> Any:
