@@ -145,7 +145,7 @@ def _add_train_parser(commands: Any) -> None:
         default=None,
         metavar="BYTES",
         help="memory one pass of the statistics may use, e.g. 512MB or 2GiB: a larger batch runs in several "
-        "passes whose sums add up to the whole batch's (estimate: docs/cli.md)",
+        "passes whose sums add up to the whole batch's (the estimate: docs/benchmarks.md)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     train.add_argument("--debug", action="store_true", help="show the traceback of an error")
