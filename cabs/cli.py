@@ -161,9 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     from cabs.compare import add_compare_parser
 
     add_compare_parser(commands)
-    from cabs.compare import add_compare_parser
-
-    add_compare_parser(commands)
     backends = commands.add_parser(
         "backends",
         help="list the installed backends, their versions and devices",
