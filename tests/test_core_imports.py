@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +31,12 @@ def test_public_names():
     assert set(cabs.__all__) >= {"cabs", "GradStats", "Controller", "CabsState", "Rule"}
     rule = cabs.cabs(learning_rate=0.1)
     assert callable(rule.init) and callable(rule.update)
+
+
+def test_subpackages_import_from_the_repository_root():
+    """A script run in the checkout imports the checkout's cabs; its backends must resolve too."""
+    root = Path(__file__).resolve().parent.parent
+    code = "import cabs.backends, cabs.conformance, cabs.cli; print(cabs.backends.__file__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).parent == root / "backends"
