@@ -329,6 +329,8 @@ def _idx_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[
         )
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise DatasetError(f"{labels_path} must hold uint8 labels of shape (count,), got {labels.dtype} {labels.shape}")
+    if len(images) == 0:
+        raise DatasetError(f"{images_path} holds no images (its header says 0); the file is damaged, download it again")
     if len(images) != len(labels):
         raise DatasetError(
             f"{images_path.name} has {len(images)} images but {labels_path.name} has {len(labels)} labels "
@@ -420,6 +422,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(
             f"{path}: b'data' must be a uint8 array of shape (count, {_CIFAR_IMAGE_SIZE}), got {description}"
         )
+    if len(data) == 0:
+        raise DatasetError(f"{path} is an empty batch: it holds no images; the file is damaged, download it again")
     try:
         labels = np.asarray(labels)
     except (TypeError, ValueError) as error:
@@ -531,6 +535,7 @@ def load(name: str = "mnist1d", *, data_dir: str | os.PathLike | None = None, se
     Raises:
         DatasetError: unknown name, missing ``data_dir``, missing or corrupt files.
             The message is one line and names the file.
+        TypeError: ``data_dir`` is not a path.
 
     Example:
         >>> from cabs import datasets
@@ -539,6 +544,11 @@ def load(name: str = "mnist1d", *, data_dir: str | os.PathLike | None = None, se
         ((1438, 1, 8, 8), (359, 1, 8, 8), 10)
     """
     key = _canonical_name(name)
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"`data_dir` must be a path (a str or os.PathLike naming a folder), got data_dir={data_dir!r}. "
+            "Pass the folder that holds the data set's files."
+        )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DatasetError(f"`seed` must be a non-negative int, got seed={seed!r}")
     seed = int(seed)

@@ -426,3 +426,34 @@ def test_missing_cifar_batches_are_listed(tmp_path):
     with pytest.raises(DatasetError) as error:
         datasets.load("cifar10", data_dir=tmp_path)
     assert_one_line_naming(error, "cifar-10-batches-py", "data_batch_2, test_batch", "expected data_batch_1")
+
+
+# ---------------------------------------------------------------------------
+# Empty files and a data_dir that is not a path
+
+
+@pytest.mark.parametrize("stem", ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"])
+def test_an_empty_idx_image_file_is_refused_by_name(tmp_path, stem):
+    write_mnist(tmp_path, gzipped=False)
+    labels_stem = stem.replace("images-idx3", "labels-idx1")
+    write(tmp_path / stem, idx_bytes(np.zeros((0, 28, 28), np.uint8)), gzipped=False)
+    write(tmp_path / labels_stem, idx_bytes(np.zeros(0, np.uint8)), gzipped=False)
+    with pytest.raises(DatasetError) as error:
+        datasets.load("mnist", data_dir=tmp_path)
+    assert_one_line_naming(error, str(tmp_path / stem), "holds no images")
+
+
+def test_an_empty_cifar_batch_is_refused_by_name(tmp_path):
+    write_cifar(tmp_path)
+    path = tmp_path / "data_batch_2"
+    path.write_bytes(pickle.dumps(cifar_batch(np.random.default_rng(0), 0, "data_batch_2"), protocol=4))
+    with pytest.raises(DatasetError) as error:
+        datasets.load("cifar10", data_dir=tmp_path)
+    assert_one_line_naming(error, str(path), "empty batch")
+    assert "float64" not in str(error.value)
+
+
+@pytest.mark.parametrize("data_dir", [5, ["folder"], b"folder"])
+def test_data_dir_must_be_a_path(data_dir):
+    with pytest.raises(TypeError, match=r"`data_dir` must be a path .* got data_dir="):
+        datasets.load("mnist", data_dir=data_dir)
