@@ -7,9 +7,15 @@ import sys
 
 from cabs.conformance.environment import prepare_environment
 
+EXIT_USAGE = 2
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the conformance suite; return 0 when every check passes, 1 otherwise."""
+    """Run the conformance suite; return 0 when every check passes, 1 otherwise.
+
+    An unknown backend or one whose framework is not installed ends with one line
+    ``python -m cabs.conformance: error: ...`` on stderr and exit status 2, before any check runs.
+    """
     prepare_environment()
     from cabs.conformance.checks import CHECKS
     from cabs.conformance.problems import problem_names
@@ -30,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     arguments = parser.parse_args(argv)
     backends = arguments.backend or selected_backends()
-    results = run_suite(backends, problems=arguments.problem, dtypes=arguments.dtype or DTYPES, checks=arguments.check)
+    try:
+        results = run_suite(
+            backends, problems=arguments.problem, dtypes=arguments.dtype or DTYPES, checks=arguments.check
+        )
+    except (ValueError, TypeError, ImportError) as error:
+        # An unknown backend or a framework that is not installed: run_suite checks every backend
+        # before it runs any, so nothing has run yet.
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
     print(format_table(results))
     failed = sum(result.status == "fail" for result in results)
     passed = sum(result.status == "pass" for result in results)

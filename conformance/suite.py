@@ -74,15 +74,24 @@ def run_suite(
 
     Returns:
         One :class:`CheckResult` per combination, in a fixed order.
+
+    Raises:
+        ModuleNotFoundError: a backend's framework is not installed (before any check runs).
+        ValueError: an unknown backend, problem or check name.
     """
     problems = list(problem_names() if problems is None else problems)
     checks = list(CHECKS if checks is None else checks)
     unknown = [name for name in checks if name not in CHECKS]
     if unknown:
         raise ValueError(f"`checks` must name checks from {list(CHECKS)}, got checks={unknown}.")
+    unknown_problems = [name for name in problems if name not in problem_names()]
+    if unknown_problems:
+        raise ValueError(f"`problems` must name problems from {problem_names()}, got problems={unknown_problems}.")
+    # Every backend is loaded before any runs: a missing framework must fail at once, not after
+    # minutes of checks of the backends before it.
+    drivers = {backend: get_driver(backend) for backend in dict.fromkeys(backends)}
     results = []
-    for backend in backends:
-        driver = get_driver(backend)
+    for driver in drivers.values():
         for problem in problems:
             for dtype in dtypes:
                 for check in checks:

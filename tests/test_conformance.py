@@ -229,3 +229,39 @@ def test_builtin_backends_pass_statistics_on_every_problem(backend):
     failures = [result.message for result in results if result.status == "fail"]
     assert not failures
     assert any(result.status == "pass" for result in results)
+
+
+# --- the command line refuses a backend it cannot run before running any --------------------------
+
+
+MISSING_FRAMEWORK = (
+    "import sys; sys.modules['jax'] = None; from cabs.conformance.__main__ import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["--backend", "numpy", "--backend", "jax"], "jax"),
+        (["--backend", "numpy", "--backend", "mxnet"], "mxnet"),
+    ],
+    ids=["framework-not-installed", "unknown-backend"],
+)
+def test_a_backend_that_cannot_run_is_one_line_error_before_any_check(arguments, named, tmp_path):
+    import subprocess
+    import sys
+
+    # None in sys.modules makes `import jax` fail as if JAX were not installed.
+    result = subprocess.run(
+        [sys.executable, "-c", MISSING_FRAMEWORK, *arguments, "--problem", "linear_regression"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m cabs.conformance: error:"), result.stderr
+    assert named in lines[0]
+    assert result.stdout == ""  # no table: the numpy backend did not run first
