@@ -24,7 +24,8 @@ the model reuses them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -33,7 +34,15 @@ from torch.func import functional_call, grad, vmap
 
 from cabs._stats import GradStats
 
-__all__ = ["METHODS", "check_options", "layerwise_grad_stats", "mean_grad", "per_example_sq_norms", "plan"]
+__all__ = [
+    "METHODS",
+    "check_options",
+    "check_vmap_supported",
+    "layerwise_grad_stats",
+    "mean_grad",
+    "per_example_sq_norms",
+    "plan",
+]
 
 METHODS = ("auto", "layerwise", "vmap")
 LAYERWISE = "layerwise"
@@ -245,6 +254,49 @@ def _rules() -> dict[type, tuple[Callable, Callable]]:
 _RULES = _rules()
 
 
+def _runs_plain_forward(module: torch.nn.Module) -> bool:
+    """True when the rule sees the module's real computation: its own parameters, its class's forward, no hooks.
+
+    A forward hook may replace the output and a pre-hook may swap a weight in (``torch.nn.utils.weight_norm``,
+    ``prune``), an instance-level ``forward`` may compute anything, and parameters under other names
+    (``weight_g``/``weight_v``) mean ``weight`` is computed from them: the rule's identities would be wrong.
+    """
+    expected = {"weight", "bias"}
+    own = module._parameters
+    if not set(own) <= expected or "forward" in module.__dict__:
+        return False
+    for local_name in expected:
+        value = getattr(module, local_name, None)
+        if value is not None and own.get(local_name) is not value:
+            return False  # the attribute the forward reads is not the registered parameter
+    hooks = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        getattr(torch.nn.modules.module, "_global_forward_hooks", {}),
+        getattr(torch.nn.modules.module, "_global_forward_pre_hooks", {}),
+    )
+    return not any(hooks)
+
+
+def _example_rows(module: torch.nn.Module, layer_input: torch.Tensor, output: torch.Tensor, count: int) -> bool:
+    """True when dim 0 of the layer's input and output holds the pass's ``count`` examples, one per row.
+
+    A model that reshapes the batch (``x.reshape(b * t, f)``), runs time-major or calls the layer on an
+    unbatched tensor breaks the rules' premise that row i belongs to example i alone. Shapes cannot prove
+    the premise (a time-major layout with as many steps as examples looks batch-first), but they refuse
+    every layout whose leading size differs from the number of examples.
+    """
+    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
+        dims_ok = layer_input.dim() == (3 if isinstance(module, torch.nn.Conv1d) else 4)
+    elif isinstance(module, torch.nn.Embedding):
+        dims_ok = layer_input.dim() >= 1
+    elif hasattr(module, "normalized_shape"):  # LayerNorm, RMSNorm: a batch dim in front of the normalised ones
+        dims_ok = layer_input.dim() > len(module.normalized_shape)
+    else:
+        dims_ok = layer_input.dim() >= 2
+    return dims_ok and layer_input.shape[0] == count and output.dim() >= 1 and output.shape[0] == count
+
+
 def _static_rule(module: torch.nn.Module) -> tuple[Callable, Callable] | None:
     """The rule for a module of exactly a supported type (a subclass may change its forward), if its options allow."""
     rule = _RULES.get(type(module))
@@ -278,7 +330,7 @@ def _layerwise_owners(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module
         if len(uses) != 1 or len(distinct_modules) != 1:
             continue
         _, module, local_name = uses[0]
-        if _static_rule(module) is not None:
+        if _static_rule(module) is not None and _runs_plain_forward(module):
             found[key] = (module, local_name)
     return found
 
@@ -306,7 +358,7 @@ def plan(model: torch.nn.Module, inputs: Any = None) -> dict[str, str]:
     if inputs is None:
         return methods
     input_tuple = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    with _Capture(owners) as capture, torch.enable_grad():
+    with _Capture(owners, count=1) as capture, torch.enable_grad():
         outputs = model(*(tensor[:1] for tensor in input_tuple))
         roots = [tensor for tensor in _tensors_in(outputs) if tensor.grad_fn is not None]
         uses = _parameter_uses(roots, _trainable(model))
@@ -354,8 +406,16 @@ def _parameter_uses(roots: list[torch.Tensor], trainable: dict[str, torch.Tensor
 class _Capture:
     """Forward hooks on the supported modules; each registers a hook on its output that computes the norms."""
 
-    def __init__(self, owners: dict[str, tuple[torch.nn.Module, str]], accumulate_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        owners: dict[str, tuple[torch.nn.Module, str]],
+        count: int,
+        accumulate_dtype: torch.dtype | None = None,
+    ):
+        self.count = count
         self.accumulate_dtype = accumulate_dtype
+        # Modules whose input rows are not the pass's examples: their parameters take the vmap path.
+        self.refused: set[torch.nn.Module] = set()
         self.names: dict[torch.nn.Module, dict[str, str]] = {}
         self.module_of = {key: module for key, (module, _) in owners.items()}
         for key, (module, local_name) in owners.items():
@@ -376,12 +436,20 @@ class _Capture:
 
     def valid(self, key: str, uses: dict[str, int]) -> bool:
         """True when the layer rule gives the whole gradient of ``key``: one module call and one use of it."""
-        return self.calls.get(self.module_of[key], 0) == 1 and uses[key] == 1
+        module = self.module_of[key]
+        return self.calls.get(module, 0) == 1 and uses[key] == 1 and module not in self.refused
 
     def _forward_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.calls[module] = self.calls.get(module, 0) + 1
-        layer_input = args[0] if args else next(iter(kwargs.values()))
-        if self.accumulate_dtype is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
+        layer_input = args[0] if args else next(iter(kwargs.values()), None)
+        if not (
+            isinstance(layer_input, torch.Tensor)
+            and isinstance(output, torch.Tensor)
+            and _example_rows(module, layer_input, output, self.count)
+        ):
+            self.refused.add(module)
+            return
+        if self.accumulate_dtype is None or not output.requires_grad:
             return
         if self.calls[module] == 1:
             # Held here, not in the hook's closure, so the input is freed once its norms are done,
@@ -452,7 +520,7 @@ def _vmap_sq_norms(
                 tuple(tensor[start : start + chunk] for tensor in targets),
             )
             for key, value in grads.items():
-                pieces[key].append(value.to(accumulate_dtype).flatten(1).pow(2).sum(1))
+                pieces[key].append(value.to(accumulate_dtype).reshape(value.shape[0], -1).pow(2).sum(1))
     return {key: torch.cat(value) for key, value in pieces.items()}
 
 
@@ -478,7 +546,7 @@ def _one_pass(
     accumulate_dtype = _accumulate_dtype(trainable.values())
     owners = _layerwise_owners(model) if with_norms and method != VMAP else {}
     count = inputs[0].shape[0]
-    with _Capture(owners, accumulate_dtype) as capture, torch.enable_grad():
+    with _Capture(owners, count, accumulate_dtype) as capture, torch.enable_grad():
         losses = loss_fn(model(*inputs), targets[0] if len(targets) == 1 else targets)
         _check_losses(losses, count)
         total = losses.sum()
@@ -490,21 +558,64 @@ def _one_pass(
     norms: Norms = {}
     exact_keys = []
     for key, parameter in trainable.items():
-        if key in owners and capture.valid(key, uses):
+        if key in owners and capture.valid(key, uses) and key in capture.norms:
             norms[key] = capture.norms[key]
-        elif key in owners and uses[key] == 0:
+        elif key in owners and uses[key] == 0 and capture.module_of[key] not in capture.refused:
             norms[key] = torch.zeros(count, dtype=accumulate_dtype, device=parameter.device)  # unused this pass
         else:
             exact_keys.append(key)
     if method == LAYERWISE and exact_keys:
         raise ValueError(
             f'`method` must be "auto" or "vmap" for this model: method="layerwise" needs a layer rule for every '
-            f"trainable parameter, got parameters without one (or used more than once): {exact_keys}. "
+            f"trainable parameter, got parameters without one (or used more than once, or in a layer that sees a "
+            f"reshaped batch, has forward hooks or a patched forward): {exact_keys}. "
             f'Use method="auto", which sends just these parameters to the exact vmap path.'
         )
     if exact_keys:
-        norms.update(_vmap_sq_norms(model, loss_fn, exact_keys, inputs, targets, vmap_chunk_size))
+        with _renormalised_tables_fixed(model):
+            norms.update(_vmap_sq_norms(model, loss_fn, exact_keys, inputs, targets, vmap_chunk_size))
     return loss_sum, norms
+
+
+def _max_norm_embeddings(model: torch.nn.Module) -> list[tuple[str, torch.nn.Embedding]]:
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Embedding) and module.max_norm is not None
+    ]
+
+
+@contextlib.contextmanager
+def _renormalised_tables_fixed(model: torch.nn.Module) -> Iterator[None]:
+    """``max_norm`` off in every Embedding while the vmap part runs after the ordinary pass of the same examples.
+
+    ``max_norm`` renormalises the looked-up rows of the table in place during the forward, which vmap
+    cannot run. The ordinary pass has just renormalised exactly the rows these examples look up, and a
+    renormalised row is below ``max_norm``, so a second renormalisation would leave it as it is: the
+    forward without ``max_norm`` computes the same values.
+    """
+    embeddings = [module for _, module in _max_norm_embeddings(model)]
+    saved = [module.max_norm for module in embeddings]
+    for module in embeddings:
+        module.max_norm = None
+    try:
+        yield
+    finally:
+        for module, max_norm in zip(embeddings, saved, strict=True):
+            module.max_norm = max_norm
+
+
+def check_vmap_supported(model: torch.nn.Module) -> None:
+    """Raise ``ValueError`` when ``method="vmap"`` cannot run ``model`` (an Embedding with ``max_norm``)."""
+    found = _max_norm_embeddings(model)
+    if found:
+        name, module = found[0]
+        raise ValueError(
+            f'`method` must be "auto" or "layerwise" for this model, got method="vmap" with Embedding '
+            f"'{name or '<model>'}' (max_norm={module.max_norm}): max_norm renormalises the table in place "
+            f"during the forward, which per-example gradients under torch.func.vmap cannot express. Use "
+            f'method="auto" (its ordinary pass renormalises the table first) or remove max_norm.'
+        )
 
 
 def _chunks(inputs: tuple, targets: tuple, max_examples_per_pass: int | None) -> Iterable[tuple[tuple, tuple]]:

@@ -178,6 +178,7 @@ def grad_stats(
             max_examples_per_pass=max_examples_per_pass,
             vmap_chunk_size=chunk_size,
         )
+    _torch_layerwise.check_vmap_supported(model)
     chunk_size = _resolve_chunk_size(chunk_size, trainable, count)
     if max_examples_per_pass is not None:
         chunk_size = min(chunk_size, max_examples_per_pass)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -416,3 +418,163 @@ def test_adapter_mean_grad_and_plan():
     assert cabs_torch.plan(model)["1.scale"] == "vmap"
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
         cabs_torch.mean_grad(object(), CROSS_ENTROPY, inputs[0], targets)
+
+
+# Models the layer rules must not take at face value (adversarial cases) -------------------------
+
+
+class ReshapedBatch(nn.Module):
+    """A Linear on [batch * 2, 3]: each of its input rows is half an example."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(3, 4), nn.Linear(8, 3)
+
+    def forward(self, inputs):
+        count = inputs.shape[0]
+        return self.head(torch.tanh(self.inner(inputs.reshape(count * 2, 3))).reshape(count, 8))
+
+
+class TimeMajor(nn.Module):
+    """A Linear on [time, batch, features]: dim 0 of its input is time, not the example."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(3, 4), nn.Linear(8, 3)
+
+    def forward(self, inputs):
+        hidden = torch.tanh(self.inner(inputs.transpose(0, 1)))
+        return self.head(hidden.transpose(0, 1).reshape(inputs.shape[0], 8))
+
+
+class Temperature(nn.Module):
+    """A learnable 0-d temperature next to a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense, self.temperature = nn.Linear(4, 3), nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, inputs):
+        return self.dense(inputs) * self.temperature
+
+
+class MaxNormEmbedding(nn.Module):
+    """An Embedding with max_norm (renormalises its table in place) and a PReLU that takes the vmap path."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.activation, self.head = nn.Embedding(6, 4, max_norm=0.5), nn.PReLU(), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(self.activation(self.embedding(ids)).sum(1))
+
+
+def hooked_output_model():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].register_forward_hook(lambda module, args, output: output * 3)
+    return model
+
+
+def hooked_input_model():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+    return model
+
+
+def patched_forward_model():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    layer = model[0]
+    layer.forward = lambda inputs: nn.functional.linear(2 * inputs, layer.weight, layer.bias)
+    return model
+
+
+def old_weight_norm_model():
+    with pytest.warns(FutureWarning):
+        normalized = nn.utils.weight_norm(nn.Linear(4, 6))
+    return nn.Sequential(normalized, nn.Tanh(), nn.Linear(6, 3))
+
+
+def parametrized_weight_norm_model():
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))
+
+
+ADVERSARIAL = {
+    "reshaped_batch": (ReshapedBatch, (6, 6)),
+    "time_major": (TimeMajor, (6, 2, 3)),
+    "forward_hook_changes_output": (hooked_output_model, (6, 4)),
+    "forward_pre_hook_changes_input": (hooked_input_model, (6, 4)),
+    "instance_forward": (patched_forward_model, (6, 4)),
+    "zero_dim_parameter": (Temperature, (6, 4)),
+    "old_weight_norm": (old_weight_norm_model, (6, 4)),
+    "parametrized_weight_norm": (parametrized_weight_norm_model, (6, 4)),
+}
+
+
+def build_adversarial(case):
+    make_model, shape = ADVERSARIAL[case]
+    torch.manual_seed(0)
+    return make_model().double(), (float_inputs(*shape),), torch.arange(shape[0]) % 3
+
+
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+def test_adversarial_models_equal_the_loop(case):
+    model, inputs, targets = build_adversarial(case)
+    expected_norms = loop_norms(model, CROSS_ENTROPY, inputs, targets)
+    expected = loop_stats(model, CROSS_ENTROPY, inputs, targets)
+    norms = layerwise.per_example_sq_norms(model, CROSS_ENTROPY, inputs, targets)
+    assert sorted(norms) == sorted(expected_norms)
+    for key, value in expected_norms.items():
+        np.testing.assert_allclose(norms[key].numpy(), value, rtol=RTOL, err_msg=key)
+    stats = cabs_torch.grad_stats(model, CROSS_ENTROPY, inputs[0], targets)
+    np.testing.assert_allclose(float(stats.sq_norm_sum), expected["sq_norm_sum"], rtol=RTOL)
+    np.testing.assert_allclose(float(stats.grad_sq_norm), expected["grad_sq_norm"], rtol=RTOL)
+    np.testing.assert_allclose(float(stats.loss), expected["loss"], rtol=RTOL)
+    for parameter, mean in zip(model.parameters(), expected["mean_grads"], strict=True):
+        np.testing.assert_allclose(parameter.grad.numpy(), mean, rtol=RTOL, atol=RTOL * np.abs(mean).max())
+
+
+@pytest.mark.parametrize("case", ["reshaped_batch", "time_major", "forward_hook_changes_output", "old_weight_norm"])
+def test_strict_layerwise_refuses_layers_the_rules_cannot_trust(case):
+    model, inputs, targets = build_adversarial(case)
+    with pytest.raises(ValueError, match='method="layerwise" needs a layer rule'):
+        layerwise.layerwise_grad_stats(model, CROSS_ENTROPY, inputs, targets, method="layerwise")
+
+
+def test_plan_sends_a_layer_on_a_reshaped_batch_to_vmap():
+    model, inputs, _ = build_adversarial("reshaped_batch")
+    found = layerwise.plan(model, inputs)
+    assert found["inner.weight"] == found["inner.bias"] == "vmap"
+    assert found["head.weight"] == "layerwise"
+    assert layerwise.plan(hooked_output_model())["0.weight"] == "vmap"
+
+
+def test_a_global_forward_hook_sends_the_layers_to_vmap():
+    model, inputs, targets = build("linear_3d_gram")
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: output * 2 if isinstance(module, nn.Linear) else None
+    )
+    try:
+        expected = loop_norms(model, CROSS_ENTROPY, inputs, targets)
+        norms = layerwise.per_example_sq_norms(model, CROSS_ENTROPY, inputs, targets)
+    finally:
+        handle.remove()
+    for key, value in expected.items():
+        np.testing.assert_allclose(norms[key].numpy(), value, rtol=RTOL, err_msg=key)
+
+
+def test_max_norm_embedding_is_exact_in_auto_and_refused_clearly_by_vmap():
+    torch.manual_seed(0)
+    model = MaxNormEmbedding().double()
+    with torch.no_grad():
+        model.embedding.weight.mul_(3)  # rows well above max_norm, so the renormalisation matters
+    inputs, targets = (random_ids(6, 5, 6),), torch.arange(6) % 3
+    with pytest.raises(ValueError, match="max_norm"):
+        cabs_torch.grad_stats(copy.deepcopy(model), CROSS_ENTROPY, inputs[0], targets, method="vmap")
+    # Ours first, on a copy: the loop renormalises the table it runs on in place.
+    candidate = copy.deepcopy(model)
+    stats = cabs_torch.grad_stats(candidate, CROSS_ENTROPY, inputs[0], targets, max_examples_per_pass=4)
+    expected = loop_stats(model, CROSS_ENTROPY, inputs, targets)
+    assert candidate.embedding.max_norm == 0.5  # restored after the vmap part
+    np.testing.assert_allclose(float(stats.sq_norm_sum), expected["sq_norm_sum"], rtol=RTOL)
+    np.testing.assert_allclose(float(stats.grad_sq_norm), expected["grad_sq_norm"], rtol=RTOL)
+    np.testing.assert_allclose(float(stats.loss), expected["loss"], rtol=RTOL)
