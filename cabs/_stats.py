@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 from cabs._xp import array_namespace
@@ -58,7 +59,7 @@ class GradStats(NamedTuple):
             ``m - ddof == 0`` the result is not finite (NaN or inf), which the rule
             treats as a step without statistics.
         """
-        if ddof not in (0, 1) or isinstance(ddof, bool):
+        if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral) or ddof not in (0, 1):
             raise ValueError(
                 f"`ddof` must be 0 or 1, got ddof={ddof!r}. Use 0 for the reference code's estimate, 1 for the unbiased one."
             )

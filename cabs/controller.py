@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cabs._rule import CabsState, cabs
+from cabs._rule import CabsState, cabs, validate_options
 from cabs._stats import GradStats
 
 __all__ = ["Controller"]
@@ -53,7 +53,9 @@ class Controller:
         if on_nonfinite not in ("skip", "raise"):
             raise ValueError(f"`on_nonfinite` must be 'skip' or 'raise', got on_nonfinite={on_nonfinite!r}.")
         self._rule = cabs(learning_rate, **options)
-        self._config = {"learning_rate": float(learning_rate), "on_nonfinite": on_nonfinite, **options}
+        # Resolved options (defaults filled in, plain Python numbers): equivalent
+        # configurations compare equal in load_state_dict and serialise to JSON.
+        self._config = {**validate_options(learning_rate, **options), "on_nonfinite": on_nonfinite}
         self._on_nonfinite = on_nonfinite
         self._state: CabsState = self._rule.init(np.asarray(0.0, dtype=np.float64))
         self._warned = False
@@ -102,7 +104,7 @@ class Controller:
         )
         self._check_values(values)
         with np.errstate(all="ignore"):  # 0/0 for one example with ddof=1 is a skipped step, not a warning
-            xi = float(values.variance_trace(ddof=self._config.get("ddof", 0)))
+            xi = float(values.variance_trace(ddof=self._config["ddof"]))
             self.xi = xi
             if not (math.isfinite(xi) and math.isfinite(float(values.loss))):
                 self._non_finite(values, xi)
@@ -113,7 +115,7 @@ class Controller:
         count, loss = float(values.count), float(values.loss)
         if not count >= 1:
             raise ValueError(f"`stats.count` must be >= 1 (the number of examples in the batch), got count={count!r}.")
-        if loss < 0 and self._config.get("loss_floor", 0.0) == 0.0:
+        if loss < 0 and self._config["loss_floor"] == 0.0:
             raise ValueError(
                 f"CABS divides by the loss, which must be positive, got loss={loss!r}. For a loss that can "
                 f"be negative, pass loss_floor=<a lower bound of the loss> (the denominator is then "
@@ -122,7 +124,7 @@ class Controller:
 
     def _non_finite(self, values: GradStats, xi: float) -> None:
         loss, count = float(values.loss), float(values.count)
-        if count == 1 and self._config.get("ddof", 0) == 1 and math.isfinite(loss):
+        if count == 1 and self._config["ddof"] == 1 and math.isfinite(loss):
             reason = "a batch of one example has no variance with ddof=1"
         else:
             reason = f"non-finite CABS statistics: loss={loss!r}, xi={xi!r} (count={count!r})"
@@ -163,21 +165,58 @@ class Controller:
             raise ValueError(
                 f"unsupported controller state_dict version {state_dict['version']!r}; this cabs writes version {_STATE_DICT_VERSION}."
             )
+        config = state_dict["config"]
+        if not isinstance(config, dict):
+            raise ValueError(f"`state_dict['config']` must be a dict, got {type(config).__name__}.")
         differ = {
-            key: (state_dict["config"].get(key), self._config.get(key))
-            for key in set(state_dict["config"]) | set(self._config)
-            if state_dict["config"].get(key) != self._config.get(key)
+            key: (config.get(key), self._config.get(key))
+            for key in set(config) | set(self._config)
+            if config.get(key) != self._config.get(key)
         }
         if differ:
             text = ", ".join(f"{key}: saved {saved!r}, here {here!r}" for key, (saved, here) in sorted(differ.items()))
             raise ValueError(
                 f"the saved controller has a different configuration ({text}). Create the Controller with the saved options."
             )
-        saved = state_dict["state"]
-        self._state = CabsState(
-            step=np.asarray(saved["step"], dtype=np.int32),
-            skipped=np.asarray(saved["skipped"], dtype=np.int32),
-            xi_avg=np.asarray(saved["xi_avg"], dtype=np.float64),
-            loss_avg=np.asarray(saved["loss_avg"], dtype=np.float64),
-            batch_size=np.asarray(saved["batch_size"], dtype=np.int32),
+        self._state = self._checked_state(state_dict["state"])
+
+    def _checked_state(self, saved: Any) -> CabsState:
+        """The saved state as arrays, refusing values the rule could never have produced."""
+        fields = ("step", "skipped", "xi_avg", "loss_avg", "batch_size")
+        if not isinstance(saved, dict) or set(fields) - set(saved):
+            keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"`state_dict['state']` must be a dict with keys {list(fields)}, got {keys}.")
+        counts = {}
+        for name in ("step", "skipped", "batch_size"):
+            value = saved[name]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"saved `{name}` must be an integer, got {name}={value!r}.")
+            counts[name] = int(value)
+        averages = {}
+        for name in ("xi_avg", "loss_avg"):
+            value = saved[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"saved `{name}` must be a number, got {name}={value!r}.")
+            if not math.isfinite(float(value)):
+                raise ValueError(f"saved `{name}` must be finite, got {name}={value!r}; the checkpoint is damaged.")
+            averages[name] = float(value)
+        low, high = self._config["min_batch_size"], self._config["max_batch_size"]
+        if not low <= counts["batch_size"] <= high:
+            raise ValueError(
+                f"saved `batch_size` must lie in [min_batch_size, max_batch_size] = [{low}, {high}], "
+                f"got batch_size={counts['batch_size']}; the checkpoint is damaged."
+            )
+        if not 0 <= counts["skipped"] <= counts["step"] < 2**31:
+            raise ValueError(
+                f"saved counters must satisfy 0 <= skipped <= step < 2**31, got step={counts['step']}, "
+                f"skipped={counts['skipped']}; the checkpoint is damaged."
+            )
+        if averages["xi_avg"] < 0:
+            raise ValueError(f"saved `xi_avg` must be >= 0 (a variance), got xi_avg={averages['xi_avg']!r}.")
+        return CabsState(
+            step=np.asarray(counts["step"], dtype=np.int32),
+            skipped=np.asarray(counts["skipped"], dtype=np.int32),
+            xi_avg=np.asarray(averages["xi_avg"], dtype=np.float64),
+            loss_avg=np.asarray(averages["loss_avg"], dtype=np.float64),
+            batch_size=np.asarray(counts["batch_size"], dtype=np.int32),
         )

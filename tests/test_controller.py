@@ -104,3 +104,50 @@ def test_controller_validates_options():
         cabs.Controller(learning_rate=0.1, on_nonfinite="ignore")
     with pytest.raises(ValueError, match="min_batch_size=0"):
         cabs.Controller(learning_rate=0.1, min_batch_size=0)
+
+
+def test_equivalent_configurations_load_and_serialise():
+    saved = cabs.Controller(learning_rate=0.1).state_dict()
+    explicit = cabs.Controller(learning_rate=np.float64(0.1), min_batch_size=np.int64(16), initial_batch_size=16)
+    explicit.load_state_dict(saved)
+    assert json.loads(json.dumps(explicit.state_dict())) == explicit.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("xi_avg", math.nan, "xi_avg.*finite"),
+        ("loss_avg", math.inf, "loss_avg.*finite"),
+        ("xi_avg", -1.0, "xi_avg.*>= 0"),
+        ("batch_size", 5000, r"batch_size.*\[16, 2048\]"),
+        ("batch_size", 0, "batch_size"),
+        ("batch_size", 16.7, "batch_size.*integer"),
+        ("batch_size", "20", "batch_size.*integer"),
+        ("batch_size", None, "batch_size.*integer"),
+        ("step", -7, "step"),
+        ("skipped", 99, "skipped"),
+        ("xi_avg", [1.0], "xi_avg.*number"),
+    ],
+)
+def test_load_state_dict_refuses_damaged_values(field, value, words):
+    saved = cabs.Controller(learning_rate=0.1).state_dict()
+    saved["state"][field] = value
+    controller = cabs.Controller(learning_rate=0.1)
+    with pytest.raises(ValueError, match=words):
+        controller.load_state_dict(saved)
+    assert controller.state_dict() == cabs.Controller(learning_rate=0.1).state_dict()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d["state"].pop("xi_avg"),
+        lambda d: d.__setitem__("state", [1, 2]),
+        lambda d: d.__setitem__("config", None),
+    ],
+)
+def test_load_state_dict_refuses_malformed_dicts(damage):
+    saved = cabs.Controller(learning_rate=0.1).state_dict()
+    damage(saved)
+    with pytest.raises(ValueError, match="state_dict"):
+        cabs.Controller(learning_rate=0.1).load_state_dict(saved)

@@ -239,3 +239,39 @@ def test_scripted_sequence_matches_numpy_on_every_backend(backend):
     sizes = run_scripted(backend)
     assert sizes == numpy_sizes
     assert len(set(sizes)) > 20 and min(sizes) == 16 and max(sizes) == 2048
+
+
+def test_negative_loss_floor_is_applied():
+    # A floor of -2 serves a loss that can be negative: denominator loss - (-2).
+    assert one_step(1000.0, -1.0, learning_rate=0.1, loss_floor=-2.0) == 100
+    assert one_step(1000.0, 0.0, learning_rate=0.1, loss_floor=-2.0) == 50
+
+
+def test_batch_size_bounds_fit_the_state():
+    with pytest.raises(ValueError, match=r"2\*\*31 - 1"):
+        cabs.cabs(learning_rate=0.1, max_batch_size=3 * 10**9)
+    huge = cabs.cabs(learning_rate=0.1, min_batch_size=2**24 + 1, max_batch_size=2**24 + 1)
+    with pytest.raises(ValueError, match="float64"):
+        huge.init(np.asarray(0.0, dtype=np.float32))
+    assert int(huge.init(np.asarray(0.0)).batch_size) == 2**24 + 1
+
+
+def test_update_refuses_statistics_that_are_not_scalars():
+    rule = cabs.cabs(learning_rate=0.1)
+    state = rule.init(np.asarray(0.0))
+    stats = GradStats(np.array([4, 4]), np.array([0.5, 0.5]), np.zeros(2), np.array([800.0, 800.0]))
+    with pytest.raises(ValueError, match=r"stats.count.*shape \(2,\)"):
+        rule.update(stats, state)
+
+
+@pytest.mark.parametrize(("like", "error"), [(0.0, TypeError), (np.zeros(3), ValueError)])
+def test_init_names_what_it_needs(like, error):
+    with pytest.raises(error, match="0-d floating array"):
+        cabs.cabs(learning_rate=0.1).init(like)
+
+
+def test_array_valued_ddof_is_refused():
+    with pytest.raises(ValueError, match="ddof"):
+        cabs.cabs(learning_rate=0.1, ddof=np.array([0, 1]))
+    with pytest.raises(ValueError, match="ddof"):
+        GradStats(4, 0.5, 0.0, 10.0).variance_trace(ddof=np.array([1]))
