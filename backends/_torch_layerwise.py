@@ -20,6 +20,15 @@ a custom parameter, and a parameter used more than once, whose uses have cross t
 takes the exact ``torch.func.vmap`` path on its own. Uses are counted on the autograd
 graph of every pass, so tied weights and modules called twice are found whichever way
 the model reuses them.
+
+The rules hold only when the layer's input rows are the pass's examples and the hooks see
+its real computation, so these layers' parameters take the vmap path as well: a layer whose
+input or output leading size is not the number of examples (a batch reshaped to
+``[batch * time, features]``, a time-major ``[time, batch, features]``, an unbatched call),
+a layer with forward hooks or pre-hooks (its own or global) or an instance-level ``forward``,
+and a layer whose parameters are not exactly its ``weight``/``bias`` (old-style
+``weight_norm``, pruning). Shapes cannot tell a time-major input from a batch-first one
+when the number of steps equals the number of examples: such a model needs ``method="vmap"``.
 """
 
 from __future__ import annotations
