@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.metadata
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,24 @@ __all__ = ["build_parser", "main"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+SEED_LIMIT = 2**32 - 1  # NumPy's and PyTorch's seeds are 32-bit on every platform
+# More threads than this only oversubscribe the cores; far more have crashed PyTorch.
+THREADS_PER_CORE_LIMIT = 4
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` only where the help text does not say the default itself.
+
+    Options without a default (None) or flags say nothing, and a help text that already
+    names its default (``default: the minimum``) keeps it as written, so no default is
+    printed twice.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or isinstance(action.default, bool) or "(default" in text:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -28,16 +47,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
 
 
@@ -51,6 +60,29 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32-1], got {text!r}") from None
+    if not 0 <= value <= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32-1], got {value}")
+    return value
+
+
+def _threads(text: str) -> int:
+    limit = (os.cpu_count() or 1) * THREADS_PER_CORE_LIMIT
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, {limit}], got {text!r}") from None
+    if not 1 <= value <= limit:
+        raise argparse.ArgumentTypeError(
+            f"must be in [1, {limit}] ({THREADS_PER_CORE_LIMIT} per CPU core of this machine), got {value}"
+        )
+    return value
+
+
 def _memory_size(text: str) -> int:
     from cabs.training.memory import parse_bytes
 
@@ -58,6 +90,61 @@ def _memory_size(text: str) -> int:
         return parse_bytes(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"must be a size such as 512MB or 2GiB, got {text!r}") from error
+
+
+def _join_dash_values(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Write ``--option -5MB`` as ``--option=-5MB`` so that argparse reads ``-5MB`` as the value.
+
+    argparse takes a word that starts with ``-`` (and is not a plain negative number) for an
+    option, so ``--memory-budget -5MB`` ended in "expected one argument" instead of the
+    option's own message. Words that are options of the command stay options.
+    """
+    takes_value: set[str] = set()
+    known: set[str] = set()
+    for sub in _all_parsers(parser):
+        for action in sub._actions:
+            known.update(action.option_strings)
+            if action.option_strings and action.nargs is None and not isinstance(action, _FLAG_ACTIONS):
+                takes_value.update(action.option_strings)
+    joined: list[str] = []
+    words = list(argv)
+    index = 0
+    while index < len(words):
+        word = words[index]
+        following = words[index + 1] if index + 1 < len(words) else None
+        if (
+            word in takes_value
+            and following is not None
+            and following.startswith("-")
+            and following.split("=", 1)[0] not in known
+        ):
+            joined.append(f"{word}={following}")
+            index += 2
+            continue
+        joined.append(word)
+        index += 1
+    return joined
+
+
+_FLAG_ACTIONS = (
+    argparse._StoreTrueAction,
+    argparse._StoreFalseAction,
+    argparse._StoreConstAction,
+    argparse._CountAction,
+    argparse._HelpAction,
+    argparse._VersionAction,
+    argparse.BooleanOptionalAction,
+)
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and its subcommands' parsers."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found.extend(_all_parsers(sub))
+    return found
 
 
 def _add_train_parser(commands: Any) -> None:
@@ -69,9 +156,9 @@ def _add_train_parser(commands: Any) -> None:
         "train",
         help="train a small network with CABS",
         description="Train a small network with CABS (SGD with a coupled adaptive batch size) and write "
-        "metrics.jsonl, summary.json and training.png into --out. Without options: a small 1-D CNN on the embedded "
-        "MNIST-1D data set with PyTorch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "metrics.jsonl, summary.json, training.png and checkpoint.npz into --out. Without options: a small 1-D CNN "
+        "on the embedded MNIST-1D data set with PyTorch.",
+        formatter_class=HelpFormatter,
     )
     train.add_argument(
         "--backend", choices=BACKENDS, default=defaults.backend, help="framework that computes the gradients"
@@ -83,23 +170,42 @@ def _add_train_parser(commands: Any) -> None:
     )
     train.add_argument("--data-dir", default=None, help="folder holding the data set's standard files")
     train.add_argument(
-        "--model", choices=MODELS, default=defaults.model, help="mlp, or cnn (1-D for mnist1d, 2-D for images)"
+        "--model",
+        choices=MODELS,
+        default=defaults.model,
+        help="mlp; cnn (1-D for mnist1d, 2-D for images); mnist-paper or cifar10-paper: the paper's networks "
+        "for 28x28 and 32x32 images (cifar10-paper: torch only)",
     )
     train.add_argument("--lr", type=_positive_float, default=defaults.learning_rate, help="constant SGD learning rate")
-    train.add_argument("--min-batch-size", type=_positive_int, default=defaults.min_batch_size)
-    train.add_argument("--max-batch-size", type=_positive_int, default=defaults.max_batch_size)
+    train.add_argument(
+        "--min-batch-size",
+        type=_positive_int,
+        default=defaults.min_batch_size,
+        help="smallest batch size CABS may choose",
+    )
+    train.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        default=defaults.max_batch_size,
+        help="largest batch size CABS may choose",
+    )
     train.add_argument(
         "--initial-batch-size", type=_positive_int, default=None, help="first batch size (default: the minimum)"
     )
     budget = train.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=_positive_int, default=None, help=f"training steps (default {DEFAULT_STEPS})")
+    budget.add_argument("--steps", type=_positive_int, default=None, help=f"training steps (default: {DEFAULT_STEPS})")
     budget.add_argument(
         "--epochs", type=_positive_int, default=None, help="passes over the training set, instead of --steps"
     )
     train.add_argument(
-        "--seed", type=_non_negative_int, default=defaults.seed, help="fixes weights, data order and generated data"
+        "--seed",
+        type=_seed,
+        default=defaults.seed,
+        help="in [0, 2**32-1]; fixes weights, data order and generated data",
     )
-    train.add_argument("--out", default=defaults.out, help="output folder (created; files in it are replaced)")
+    train.add_argument(
+        "--out", default=defaults.out, help="output folder, writable (created; its output files are replaced)"
+    )
     train.add_argument(
         "--eval-every",
         type=_positive_int,
@@ -108,9 +214,9 @@ def _add_train_parser(commands: Any) -> None:
     )
     train.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_threads,
         default=defaults.threads,
-        help="PyTorch CPU threads; the small default networks run fastest on one",
+        help="PyTorch CPU threads, 1 to 4 per core; the small default networks run fastest on one",
     )
     train.add_argument(
         "--devices",
@@ -269,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
     """
     parser = build_parser()
-    arguments = parser.parse_args(argv)
+    arguments = parser.parse_args(_join_dash_values(sys.argv[1:] if argv is None else argv, parser))
     try:
         return arguments.handler(arguments)
     except KeyboardInterrupt:

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -307,6 +310,28 @@ def _write_json_atomically(path: Path, content: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
+# How often a worker checks that the process that started it is still alive (seconds).
+_PARENT_CHECK_INTERVAL = 1.0
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when process ``parent_pid`` (the ``cabs compare`` process) is gone.
+
+    A killed parent cannot stop its pool; its workers would train on for minutes, orphaned.
+    A daemon thread notices the new parent (the orphan's adopter) and ends the process.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_CHECK_INTERVAL)
+        os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+EXIT_PARENT_GONE = 143  # as if terminated by SIGTERM
+
+
 def _worker(spec: RunSpec, settings: dict[str, Any], folder: str) -> dict[str, Any]:
     """Run in a worker process; a failure comes back as ``{"error": ...}`` instead of an exception."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -376,11 +401,15 @@ def run_comparison(
     try:
         if pending:
             context = multiprocessing.get_context("spawn")  # no forked framework state in the workers
-            with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=jobs, mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),)
+            )
+            with _stop_on_sigterm(), pool:
                 futures = {
                     pool.submit(_worker, spec, settings, str(out / "runs" / spec.folder_name)): spec for spec in pending
                 }
-                for future in concurrent.futures.as_completed(futures):
+                completed = concurrent.futures.as_completed(futures)
+                for future in _stopping_pool_on_interrupt(completed, pool):
                     spec = futures[future]
                     try:
                         results[spec] = future.result()
@@ -390,8 +419,9 @@ def run_comparison(
                             "spec": dataclasses.asdict(spec),
                             "error": _one_line(error),
                         }
-                    bar.update(1)
+                    # The postfix first: update() redraws, so the bar names the run it just counted.
                     bar.set_postfix_str(f"last: {spec.label} seed {spec.seed}", refresh=False)
+                    bar.update(1)
     finally:
         bar.close()
     ordered = [results[spec] for spec in runs]
@@ -403,6 +433,41 @@ def run_comparison(
     if comparison["failures"]:
         say(f"{len(comparison['failures'])} runs failed; see {out / 'comparison.md'}")
     return comparison
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the pool is stopped on the way out."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Any:
+    """Raise :class:`_Terminated` on SIGTERM while the pool runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signal_number: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopping_pool_on_interrupt(completed: Any, pool: concurrent.futures.ProcessPoolExecutor) -> Any:
+    """Yield from ``completed``; on Ctrl-C or SIGTERM, end the workers before passing the interrupt on.
+
+    The pool's own exit would wait for the running runs (minutes) and then start the queued ones.
+    """
+    try:
+        yield from completed
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in list((pool._processes or {}).values()):  # the pool offers no public way to stop them
+            process.terminate()
+        raise
 
 
 def _check_config(config: CompareConfig) -> None:
@@ -468,8 +533,14 @@ def _examples_to_reach(result: dict[str, Any], target: float | None) -> int | No
 def _spread(values: list[float]) -> dict[str, float | None]:
     finite = [value for value in values if math.isfinite(value)]
     if not finite:
-        return {"mean": None, "std": None, "min": None, "max": None}
-    return {"mean": float(np.mean(finite)), "std": float(np.std(finite)), "min": min(finite), "max": max(finite)}
+        return {"mean": None, "std": None, "min": None, "max": None, "count": 0}
+    return {
+        "mean": float(np.mean(finite)),
+        "std": float(np.std(finite)),
+        "min": min(finite),
+        "max": max(finite),
+        "count": len(finite),
+    }
 
 
 def _configuration_rows(
@@ -514,7 +585,14 @@ def _configuration_rows(
 def _mean_spread(summary: dict[str, float | None], format_spec: str, scale: float = 1.0) -> str:
     if summary["mean"] is None:
         return "-"
-    return f"{summary['mean'] * scale:{format_spec}} ± {(summary['std'] or 0.0) * scale:{format_spec}}"
+    mean = f"{summary['mean'] * scale:{format_spec}}"
+    if summary.get("count", 2) == 1:
+        return mean  # one value has no spread; "± 0" would claim one
+    return f"{mean} ± {(summary['std'] or 0.0) * scale:{format_spec}}"
+
+
+def _seeds(count: int) -> str:
+    return f"{count} seed" if count == 1 else f"{count} seeds"
 
 
 def markdown_table(comparison: dict[str, Any]) -> str:
@@ -524,8 +602,13 @@ def markdown_table(comparison: dict[str, Any]) -> str:
     lines = [
         f"# CABS against constant batch sizes: {settings['model']} on {settings['dataset']} ({settings['backend']})",
         "",
-        f"Budget {settings['budget']} training examples per run, {settings['seeds']} seeds; values are mean ± "
-        "standard deviation over the seeds. Training loss: mean over the training set (at most "
+        f"Budget {settings['budget']} training examples per run, {_seeds(settings['seeds'])}; "
+        + (
+            "values are mean ± standard deviation over the seeds. "
+            if settings["seeds"] > 1
+            else "values are those of the one seed. "
+        )
+        + "Training loss: mean over the training set (at most "
         f"{settings['train_eval_size']} examples). Decay: SGD's learning rate divided by {DECAY_FACTOR:g} at "
         f"{' and '.join(f'{point:.0%}' for point in DECAY_POINTS)} of the budget; CABS never decays.",
         "",
@@ -568,7 +651,8 @@ def _line_style(spec: dict[str, Any], batch_sizes: list[int]) -> dict[str, Any]:
 
     colormap = matplotlib.colormaps["viridis"]
     position = batch_sizes.index(spec["batch_size"]) / max(1, len(batch_sizes) - 1)
-    return {"color": colormap(0.9 * position), "linewidth": 1.2, "linestyle": "--" if spec["decay"] else "-"}
+    # Viridis ends in a pale yellow that is hard to see on white; stop at its green.
+    return {"color": colormap(0.75 * position), "linewidth": 1.2, "linestyle": "--" if spec["decay"] else "-"}
 
 
 def plot_comparison(comparison: dict[str, Any], path: Path) -> None:
@@ -581,6 +665,7 @@ def plot_comparison(comparison: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")  # files only: no display is needed or wanted
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     runs = comparison["runs"]
     learning_rates = sorted({run["spec"]["learning_rate"] for run in runs}) or [None]
@@ -604,10 +689,13 @@ def plot_comparison(comparison: dict[str, Any], path: Path) -> None:
                 _shaded(batch_axes, group, "batch_examples_seen", "batch_size", style)
             handles.setdefault(legend_label, line)
         if comparison["target_loss"] is not None:
-            loss_axes.axhline(comparison["target_loss"], color="grey", linewidth=0.8, linestyle=":")
+            target_line = loss_axes.axhline(comparison["target_loss"], color="grey", linewidth=0.8, linestyle=":")
+            handles.setdefault(f"target training loss {comparison['target_loss']:.3g}", target_line)
         loss_axes.set(yscale="log", ylabel=f"lr={learning_rate:g}\ntraining loss")
         accuracy_axes.set(ylabel="test accuracy (%)")
         batch_axes.set(ylabel="CABS batch size")
+        # Batch sizes are whole numbers: no 15.2 .. 16.8 ticks around a constant one.
+        batch_axes.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         for axes in (loss_axes, accuracy_axes, batch_axes):
             axes.grid(alpha=0.3)
             axes.set_xlabel("examples seen" if row == len(learning_rates) - 1 else "")
@@ -616,7 +704,7 @@ def plot_comparison(comparison: dict[str, Any], path: Path) -> None:
     settings = comparison["settings"]
     figure.suptitle(
         f"CABS vs constant batch sizes: {settings['model']} on {settings['dataset']} ({settings['backend']}), "
-        f"{settings['seeds']} seeds, shaded min-max; dashed: lr / {DECAY_FACTOR:g} at "
+        f"{_seeds(settings['seeds'])}{', shaded min-max' if settings['seeds'] > 1 else ''}; dashed: lr / {DECAY_FACTOR:g} at "
         f"{' and '.join(f'{point:.0%}' for point in DECAY_POINTS)} of the budget"
     )
     figure.legend(
@@ -653,7 +741,7 @@ def _shaded(axes: Any, group: list[dict[str, Any]], x_name: str, y_name: str, st
 
 def add_compare_parser(commands: Any) -> None:
     """Add ``cabs compare`` to the ``cabs`` command's subcommands."""
-    from cabs.cli import _positive_float, _positive_int
+    from cabs.cli import HelpFormatter, _positive_float, _positive_int
     from cabs.training.loop import BACKENDS
     from cabs.training.models import MODELS
 
@@ -666,23 +754,44 @@ def add_compare_parser(commands: Any) -> None:
         f"{' and '.join(f'{point:.0%}' for point in DECAY_POINTS)} of the budget), for the same budget of training "
         "examples, over several seeds, in parallel worker processes. Writes comparison.json, comparison.md and "
         "comparison.png into --out; finished runs (under --out/runs) are reused when the command is run again.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default=defaults.backend, help="framework that computes the gradients"
+    )
     parser.add_argument(
         "--dataset", default=defaults.dataset, help="mnist1d (embedded), digits, or mnist, fashion-mnist, cifar10"
     )
     parser.add_argument("--data-dir", default=None, help="folder holding the data set's standard files")
     parser.add_argument(
-        "--model", choices=MODELS, default=defaults.model, help="mnist-paper / cifar10-paper: the paper's networks"
+        "--model",
+        choices=MODELS,
+        default=defaults.model,
+        help="mlp; cnn (1-D for mnist1d, 2-D for images); mnist-paper or cifar10-paper: the paper's networks "
+        "(cifar10-paper: torch only)",
     )
-    parser.add_argument("--lrs", type=_positive_float, nargs="+", default=list(defaults.learning_rates))
-    parser.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=list(defaults.batch_sizes))
+    parser.add_argument(
+        "--lrs",
+        type=_positive_float,
+        nargs="+",
+        default=list(defaults.learning_rates),
+        metavar="LR",
+        help="learning rates; each runs CABS and every constant batch size "
+        f"(default: {' '.join(f'{rate:g}' for rate in defaults.learning_rates)})",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=_positive_int,
+        nargs="+",
+        default=list(defaults.batch_sizes),
+        metavar="SIZE",
+        help=f"constant batch sizes of plain SGD (default: {' '.join(str(size) for size in defaults.batch_sizes)})",
+    )
     parser.add_argument(
         "--decay",
         action=argparse.BooleanOptionalAction,
         default=defaults.decay,
-        help="also run SGD with the step decay",
+        help="also run SGD with the step decay (default: on)",
     )
     parser.add_argument("--budget", type=_positive_int, default=defaults.budget, help="training examples per run")
     parser.add_argument("--seeds", type=_positive_int, default=defaults.seeds, help="seeds 0..N-1 per configuration")

@@ -135,6 +135,43 @@ def test_train_by_epochs_sees_every_example_once_per_epoch(tmp_path, cli_env):
     assert records[-1]["examples_seen"] == 4000  # MNIST-1D's training set, exactly once
     assert records[-1]["epoch"] == 1.0
     assert "test_accuracy" in records[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["steps"] is None and summary["settings"]["epochs"] == 1
+
+
+class RecordingBar:
+    """Stands in for the tqdm bar: records what the bar shows each time update() redraws it."""
+
+    def __init__(self) -> None:
+        self.count, self.postfix, self.shown = 0, {}, []
+
+    def update(self, amount: int) -> None:
+        self.count += amount
+        self.shown.append((self.count, dict(self.postfix)))
+
+    def set_postfix(self, refresh: bool = True, **values: str) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        pass
+
+
+def test_default_step_budget_is_recorded_and_the_bar_shows_each_steps_own_values(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from cabs.training import loop
+
+    # The default budget, made small: summary.json must record the steps the run took, not None.
+    monkeypatch.setattr(loop, "DEFAULT_STEPS", 5)
+    bar = RecordingBar()
+    monkeypatch.setattr(loop, "_progress_bar", lambda *arguments, **options: bar)
+    config = loop.TrainConfig(model="mlp", min_batch_size=2, initial_batch_size=3, max_batch_size=64, out=str(tmp_path))
+    summary = loop.train(config, progress=True)
+    assert config.steps is None and summary["settings"]["steps"] == 5 == summary["steps"]
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"]["steps"] == 5
+    records = read_metrics(tmp_path)
+    # At every redraw the counter and the postfix describe the same step.
+    assert [count for count, _ in bar.shown] == [record["step"] for record in records]
+    assert [postfix["batch"] for _, postfix in bar.shown] == [str(record["batch_size"]) for record in records]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -222,6 +259,14 @@ BAD_INPUTS = {
     "unknown dtype": (["--dtype", "float16"], "--dtype"),
     "float64 with tensorflow": (["--backend", "tensorflow", "--dtype", "float64"], "dtype"),
     "resume without checkpoint": (["--resume"], "no checkpoint to resume from"),
+    "seed above 32 bits": (["--seed", "5000000000"], "--seed: must be in [0, 2**32-1], got 5000000000"),
+    "too many threads": (["--threads", "100000"], "--threads: must be in [1, "),
+    "lr overflows float32": (["--lr", "1e308"], "learning_rate"),
+    "batch sizes above int32": (
+        ["--min-batch-size", "10000000000", "--max-batch-size", "10000000000", "--initial-batch-size", "10000000000"],
+        "min_batch_size",
+    ),
+    "negative memory budget": (["--memory-budget", "-5MB"], "--memory-budget: must be a size"),
 }
 
 
@@ -238,6 +283,36 @@ def test_bad_input_is_one_line_error_with_exit_status_2(case, tmp_path, cli_env)
     assert len(error_lines) == 1 and error_lines[0].startswith("cabs"), result.stderr
     assert named in error_lines[0]
     assert result.stdout == ""
+
+
+def out_is_a_file(tmp_path: Path) -> str:
+    (tmp_path / "a-file").write_text("not a folder\n")
+    return str(tmp_path / "a-file")
+
+
+def out_below_a_file(tmp_path: Path) -> str:
+    return os.path.join(out_is_a_file(tmp_path), "run")
+
+
+BAD_OUT = {
+    "empty": (lambda tmp_path: "", "`out` must name a folder"),
+    "a file": (out_is_a_file, "`out` must be a writable folder"),
+    "below a file": (out_below_a_file, "`out` must be a writable folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OUT))
+def test_out_must_be_a_writable_folder(case, tmp_path, cli_env):
+    make_out, named = BAD_OUT[case]
+    out = make_out(tmp_path)
+    before = sorted(os.listdir(tempfile.gettempdir()))  # an empty --out must not write into the working folder
+    result = run_cabs(["train", "--steps", "2", "--quiet", "--out", out], cli_env)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and "Errno" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cabs: error:") and named in lines[0], result.stderr
+    if case == "empty":
+        assert not {"metrics.jsonl", "summary.json"} & (set(os.listdir(tempfile.gettempdir())) - set(before))
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
@@ -302,6 +377,8 @@ def _has_distribution(name: str) -> bool:
 def test_help_names_the_options(cli_env):
     result = run_cabs(["train", "--help"], cli_env)
     assert result.returncode == 0
+    assert_each_default_said_once(result.stdout)
+    assert all(model in result.stdout for model in models.MODELS)
     for option in ("--backend", "--dataset", "--data-dir", "--model", "--lr", "--min-batch-size", "--max-batch-size"):
         assert option in result.stdout
     for option in (
@@ -419,3 +496,36 @@ def test_architecture_shapes():
     assert cnn_1d.input_shape == (1, 40) and cnn_1d.layers[2].in_features == 32 * 10
     with pytest.raises(ValueError, match="model"):
         models.architecture("resnet", (40,), 10)
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option's help entry of an argparse help text, whitespace collapsed, by its first option string."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.split("options:", 1)[1].splitlines():
+        stripped = line.strip()
+        if line.startswith("  -"):
+            current = stripped.split()[0].rstrip(",")
+            entries[current] = stripped
+        elif current is not None and stripped:
+            entries[current] += " " + stripped
+    return entries
+
+
+def assert_each_default_said_once(text: str) -> None:
+    assert "(default: None)" not in text
+    for entry in help_entries(text).values():
+        assert entry.count("(default") <= 1, entry
+
+
+def test_compare_help_says_each_default_once_and_shows_the_lists(cli_env):
+    result = run_cabs(["compare", "--help"], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert_each_default_said_once(result.stdout)
+    entries = help_entries(result.stdout)
+    from cabs.compare import CompareConfig
+
+    defaults = CompareConfig()
+    assert " ".join(f"{rate:g}" for rate in defaults.learning_rates) in entries["--lrs"]
+    assert " ".join(str(size) for size in defaults.batch_sizes) in entries["--batch-sizes"]
+    assert "framework" in entries["--backend"]

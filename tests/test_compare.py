@@ -110,6 +110,66 @@ def test_markdown_has_one_row_per_configuration_and_lists_the_failure(tiny_compa
         assert f"{final:.4f}" in row
     assert sum("(best constant)" in row for row in rows) == 1
     assert "## Failures" in table and f"{BAD_RUN.label} seed 0: ValueError" in table and "batch_size" in table
+    # One seed: said in the singular, and no "± 0" spread that one value does not have.
+    assert "1 seed;" in table and "1 seeds" not in table
+    assert not any("±" in row for row in rows)
+
+
+def test_mean_and_spread_show_the_spread_of_two_or_more_values():
+    values = [1.0, 3.0]
+    assert compare._mean_spread(compare._spread(values), ".2f") == "2.00 ± 1.00"  # np.std of 1 and 3 is 1
+    assert compare._mean_spread(compare._spread([2.5]), ".2f") == "2.50"
+    assert compare._mean_spread(compare._spread([]), ".2f") == "-"
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, os, time
+from cabs.compare import exit_with_parent
+
+
+def sleep_watching(parent):
+    exit_with_parent(parent)
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    worker = multiprocessing.get_context("spawn").Process(target=sleep_watching, args=(os.getpid(),))
+    worker.start()
+    print(worker.pid, flush=True)
+    time.sleep(2)  # the worker's watch has started
+    os._exit(0)  # die as a killed parent does: no clean-up, the worker is orphaned
+"""
+
+
+def process_is_running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its adopter, does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
+    import subprocess
+    import time
+
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    worker = int(result.stdout.split()[0])
+    # The watch checks every second; the deadline only bounds a failing test's wait.
+    deadline = time.monotonic() + 60
+    while process_is_running(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    running = process_is_running(worker)
+    if running:
+        import os
+        import signal
+
+        os.kill(worker, signal.SIGKILL)
+    assert not running, "the orphaned worker kept running"
 
 
 def test_a_failing_run_is_reported_and_the_others_finish(tiny_comparison):

@@ -326,3 +326,67 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(env, data_dir, tmp_path):
     with np.load(out / "checkpoint.npz") as archive:
         meta = json.loads(archive["__meta__"].tobytes())
     assert meta["step"] == len(read_lines(metrics)) >= 1
+
+
+# --- a tampered checkpoint: wrong types in its JSON, wrong or non-finite arrays ------------------
+
+
+def rewrite_checkpoint(path: Path, change_meta=None, change_arrays=None) -> None:
+    """Rewrite the checkpoint with its JSON document and arrays changed (a valid zip, a bad content)."""
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    if change_meta is not None:
+        change_meta(meta)
+    if change_arrays is not None:
+        change_arrays(arrays)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+def first_parameter(arrays: dict[str, np.ndarray]) -> str:
+    return sorted(name for name in arrays if name.startswith("model/"))[0]
+
+
+def replace_first_parameter(make):
+    def change(arrays: dict[str, np.ndarray]) -> None:
+        name = first_parameter(arrays)
+        arrays[name] = make(arrays[name])
+
+    return change
+
+
+TAMPERED = {
+    "integer parameters": (None, replace_first_parameter(lambda array: array.astype(np.int64)), "int64"),
+    "float32 parameters": (None, replace_first_parameter(lambda array: array.astype(np.float32)), "float32"),
+    "NaN parameters": (None, replace_first_parameter(lambda array: np.full_like(array, np.nan)), "non-finite"),
+    "wrong shape": (None, replace_first_parameter(lambda array: array[:1]), "the network's is float64"),
+    "missing parameter": (None, lambda arrays: arrays.pop(first_parameter(arrays)), "lacks the parameter array"),
+    "extra parameter": (None, lambda arrays: arrays.__setitem__("model/99.weight", np.zeros(3)), "model/99.weight"),
+    "step as text": (lambda meta: meta.update(step="9"), None, "'step' must be int, got step='9' (str)"),
+    "negative step": (lambda meta: meta.update(step=-1), None, "'step' must be a finite number >= 0"),
+    "wall time as list": (lambda meta: meta.update(wall_time=[1]), None, "'wall_time' must be int or float"),
+    "no settings": (lambda meta: meta.pop("settings"), None, "lacks the field 'settings'"),
+    "sampler as text": (lambda meta: meta.update(sampler="x"), None, "'sampler' must be dict"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_checkpoint_is_refused_naming_the_field_or_array(case, finished_run, data_dir, tmp_path):
+    out = copy_run(finished_run, tmp_path / "run")
+    change_meta, change_arrays, named = TAMPERED[case]
+    rewrite_checkpoint(out / "checkpoint.npz", change_meta, change_arrays)
+    result = run_here(train_arguments(data_dir, out, "--steps", "12", "--resume"))
+    assert_one_line_error(result, named, "checkpoint.npz")
+    if change_arrays is not None and case != "extra parameter" and case != "missing parameter":
+        with np.load(finished_run / "checkpoint.npz") as archive:
+            assert repr(first_parameter(dict(archive))) in result.stderr
+
+
+def test_resume_without_a_checkpoint_is_refused_before_the_framework_loads(data_dir, tmp_path):
+    # None in sys.modules makes `import torch` fail as if PyTorch were not installed: the
+    # missing checkpoint is still what the user hears about.
+    code = "import sys; sys.modules['torch'] = None; from cabs.cli import main; sys.exit(main(sys.argv[1:]))"
+    arguments = train_arguments(data_dir, tmp_path / "empty", "--resume")
+    result = subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, cwd=tmp_path)
+    assert_one_line_error(result, "no checkpoint", "checkpoint.npz")

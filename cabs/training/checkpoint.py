@@ -35,6 +35,7 @@ __all__ = [
     "generator_state_array",
     "load_generator_state",
     "load",
+    "require",
     "save",
     "settings_difference",
     "trajectory_settings",
@@ -130,6 +131,15 @@ def _sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def require(path: Path) -> None:
+    """Raise CheckpointError unless the checkpoint file ``path`` exists."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint to resume from: {path} does not exist. Run without --resume to start the run, "
+            f"or pass the --out folder of the interrupted run."
+        )
+
+
 def load(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Read a checkpoint written by :func:`save`.
 
@@ -139,11 +149,7 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     Raises:
         CheckpointError: the file is missing, unreadable, damaged, or not a ``cabs train`` checkpoint.
     """
-    if not path.is_file():
-        raise CheckpointError(
-            f"no checkpoint to resume from: {path} does not exist. Run without --resume to start the run, "
-            f"or pass the --out folder of the interrupted run."
-        )
+    require(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -286,7 +292,9 @@ class Checkpointer:
             CheckpointError: no checkpoint, a damaged one, or one from another configuration.
         """
         meta, arrays = load(self.path)
-        difference = settings_difference(meta.get("settings", {}), self._settings, _option)
+        _check_meta(self.path, meta)
+        _check_arrays(self.path, arrays, self._task.state_dict())
+        difference = settings_difference(meta["settings"], self._settings, _option)
         if difference is not None:
             raise CheckpointError(
                 f"the checkpoint {self.path} is from a different configuration ({difference}). "
@@ -312,6 +320,78 @@ class Checkpointer:
                 f"{' '.join(str(error).split())}). Delete it to start over."
             ) from error
         return step, float(meta["wall_time"]), truncate_metrics(metrics_path, step, rewrite=rewrite_metrics)
+
+
+# The checkpoint's JSON fields that restore() reads, with the types they must have.
+_META_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "wall_time": (int, float),
+    "settings": (dict,),
+    "data_sha256": (str,),
+    "controller": (dict,),
+    "sampler": (dict,),
+}
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """CheckpointError unless the JSON fields that restore() reads have their types and ranges."""
+    for field, types in _META_FIELDS.items():
+        if field not in meta:
+            raise CheckpointError(
+                f"the checkpoint {path} is damaged: it lacks the field {field!r}. Delete it to start over."
+            )
+        value = meta[field]
+        wanted = " or ".join(kind.__name__ for kind in types)
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise CheckpointError(
+                f"the checkpoint {path} is damaged: its field {field!r} must be {wanted}, got {field}={value!r} "
+                f"({type(value).__name__}). Delete it to start over."
+            )
+    for field in ("step", "wall_time"):
+        value = meta[field]
+        if not (np.isfinite(value) and value >= 0):
+            raise CheckpointError(
+                f"the checkpoint {path} is damaged: its field {field!r} must be a finite number >= 0, "
+                f"got {field}={value!r}. Delete it to start over."
+            )
+
+
+def _describe(array: np.ndarray) -> str:
+    return f"{array.dtype}{list(array.shape)}"
+
+
+def _check_arrays(path: Path, arrays: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """CheckpointError unless the saved arrays fit the task's own ``state_dict()`` ``expected``.
+
+    Every parameter array (``model/...``) must be there, with the network's dtype and shape;
+    the optimizer's arrays saved must match theirs; no floating-point array may hold NaN or inf
+    (a run resumed from those would train on garbage without a word).
+    """
+    advice = "Delete it to start over."
+    for name in sorted(set(expected) | set(arrays)):
+        if not name.startswith(("model/", "optimizer/")):
+            continue
+        if name not in arrays:
+            if name.startswith("model/"):
+                raise CheckpointError(f"the checkpoint {path} lacks the parameter array {name!r}. {advice}")
+            continue
+        if name not in expected:
+            if name.startswith("model/"):
+                raise CheckpointError(
+                    f"the checkpoint {path} holds the array {name!r}, which the network does not have. {advice}"
+                )
+            continue
+        saved, own = arrays[name], expected[name]
+        if saved.dtype != own.dtype or saved.shape != own.shape:
+            raise CheckpointError(
+                f"the checkpoint {path} is damaged: the array {name!r} is {_describe(saved)}, "
+                f"the network's is {_describe(own)}. {advice}"
+            )
+    for name, saved in arrays.items():
+        if saved.dtype.kind in "fc" and not np.all(np.isfinite(saved)):
+            raise CheckpointError(
+                f"the checkpoint {path} is damaged: the array {name!r} holds non-finite values (NaN or inf). {advice}"
+            )
 
 
 class StopOnInterrupt:

@@ -44,6 +44,9 @@ DEFAULT_STEPS = 1000
 DEFAULT_EVALUATIONS = 20
 DEFAULT_CHECKPOINT_EVERY = 100
 DTYPES = ("float32", "float64")
+SEED_LIMIT = 2**32 - 1  # NumPy's and PyTorch's seeds are 32-bit
+# More threads than this per core only oversubscribe the machine; far more have crashed PyTorch.
+THREADS_PER_CORE_LIMIT = 4
 # Testing hook: the loop kills its own process with SIGKILL right after this step is logged
 # (and checkpointed, when due), so tests can crash a run at an exact step.
 KILL_AT_STEP_VARIABLE = "CABS_TEST_KILL_AT_STEP"
@@ -128,6 +131,27 @@ class TrainConfig:
             raise ValueError(f"`learning_rate` must be a finite number > 0, got learning_rate={self.learning_rate}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {', '.join(DTYPES)}, got dtype={self.dtype!r}.")
+        # The frameworks multiply the gradients by the learning rate in the parameters' dtype.
+        largest = float(np.finfo(self.dtype).max)
+        if self.learning_rate > largest:
+            raise ValueError(
+                f"`learning_rate` must be at most {largest:.3g}, the largest {self.dtype} number, got "
+                f"learning_rate={self.learning_rate:g}. Useful learning rates are around 0.01 to 1."
+            )
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, (int, np.integer))
+            or not 0 <= self.seed <= SEED_LIMIT
+        ):
+            raise ValueError(f"`seed` must be in [0, 2**32-1], got seed={self.seed!r}.")
+        thread_limit = (os.cpu_count() or 1) * THREADS_PER_CORE_LIMIT
+        if self.threads is not None and self.threads > thread_limit:
+            raise ValueError(
+                f"`threads` must be at most {thread_limit} ({THREADS_PER_CORE_LIMIT} per CPU core), got "
+                f"threads={self.threads}. The default networks run fastest on one thread."
+            )
+        if not str(self.out):
+            raise ValueError("`out` must name a folder, got out=''. Pass --out FOLDER (created if missing).")
         if self.dtype != "float32" and self.backend == "tensorflow":
             raise ValueError(
                 f"`dtype` {self.dtype} is available with the torch and jax backends; the TensorFlow task trains "
@@ -244,6 +268,10 @@ def train(
     from cabs import datasets  # the loaders pull in optional packages; only a run needs them
 
     config.validate()
+    out = _prepare_out(config.out)
+    if config.resume:
+        # Before the framework loads: a missing checkpoint is the user's error, whatever is installed.
+        checkpoint.require(out / checkpoint.CHECKPOINT_NAME)
     workers = workers or distributed.Workers()
     # Only the first worker reports and writes files; the others train their shares silently.
     say = (log if workers.main else None) or (lambda text: None)
@@ -261,8 +289,6 @@ def train(
     steps = config.steps if config.steps is not None else (None if config.epochs is not None else DEFAULT_STEPS)
     schedule = _EvaluationSchedule(config, steps, len(dataset.x_train))
 
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoints = checkpoint.Checkpointer(out, config, dataset.x_train, dataset.y_train, controller, sampler, task)
     start_step, elapsed = 0, 0.0
     records: list[dict[str, Any]] = []
@@ -316,10 +342,11 @@ def train(
             if interrupt.requested:
                 say(f"interrupted after step {step}; saved {checkpoints.path}, continue with --resume")
                 raise KeyboardInterrupt
-            bar.update(1 if steps is not None else batch_size)
+            # The postfix first: update() redraws the bar, so counter and postfix show the same step.
             bar.set_postfix(
                 examples=str(sampler.examples_seen), batch=str(batch_size), loss=f"{loss:.4f}", refresh=False
             )
+            bar.update(1 if steps is not None else batch_size)
             if last:
                 break
     finally:
@@ -346,7 +373,8 @@ def train(
         "test_accuracy": final["test_accuracy"],
         "wall_time": training_time,
         "seed": config.seed,
-        "settings": dataclasses.asdict(config),
+        # The effective step budget, also where the run used the default (steps=None).
+        "settings": {**dataclasses.asdict(config), "steps": steps},
         "controller": controller.state_dict(),
         "workers": workers.summary(),
         **task.summary_extras(),
@@ -360,6 +388,26 @@ def train(
         records, evaluations, out / "training.png", title=f"CABS: {config.model} on {dataset.name} ({config.backend})"
     )
     return summary
+
+
+def _prepare_out(out: str | os.PathLike) -> Path:
+    """Create the output folder ``out`` if missing; ValueError unless it is a writable folder."""
+    folder = Path(out)
+    advice = "Pass --out with a folder you may write to (it is created if missing)."
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"`out` must be a writable folder, got out={str(out)!r}, which is a file. {advice}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"`out` must be a writable folder, got out={str(out)!r}: cannot create it ({error.strerror or error}). "
+            f"{advice}"
+        ) from error
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"`out` must be a writable folder, got out={str(out)!r}: no permission to write in it. {advice}"
+        )
+    return folder
 
 
 def _epoch_examples(config: TrainConfig, num_examples: int) -> int:
