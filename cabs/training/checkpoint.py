@@ -293,7 +293,6 @@ class Checkpointer:
         """
         meta, arrays = load(self.path)
         _check_meta(self.path, meta)
-        _check_arrays(self.path, arrays, self._task.state_dict())
         difference = settings_difference(meta["settings"], self._settings, _option)
         if difference is not None:
             raise CheckpointError(
@@ -305,6 +304,8 @@ class Checkpointer:
                 f"the checkpoint {self.path} was trained on other data (the training set's SHA-256 differs). "
                 f"Resume with the saved data set, or choose another --out."
             )
+        # After the settings: another model or dtype is named as such, not as arrays that do not fit.
+        _check_arrays(self.path, arrays, self._task.state_dict())
         step = meta["step"]
         if steps is not None and step > steps:
             raise CheckpointError(
