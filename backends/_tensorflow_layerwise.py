@@ -23,6 +23,13 @@ The identities of DESIGN.md section 6 turn ``(a_i, d_i)`` into ``||g_i||^2``:
   keyed by example and id, so the cost is linear in the sequence length).
 * ``LayerNormalization`` / ``GroupNormalization``: the per-example gradients of the
   element-wise scale and shift are formed directly from the normalised input.
+
+Every rule assumes that axis 0 of the layer's input indexes the examples. The adapter
+(``backends/tensorflow.py``) sends a call whose leading size is static, while the traced
+batch is not, to the exact path (a time-major or fixed reshape), and checks every other
+call's leading size against the example count at run time, raising rather than returning a
+wrong number (``tf.reshape(x, [2 * b, f])``). A layout that keeps the leading size equal to
+the example count but moves examples off axis 0 cannot be detected from shapes.
 """
 
 from __future__ import annotations
@@ -77,7 +84,7 @@ def _outer_product_sq_norms(activations: Any, output_gradients: Any) -> Any:
     outputs_size = output_gradients.shape[2]
     if steps == 1:
         return tf.reduce_sum(tf.square(activations), [1, 2]) * tf.reduce_sum(tf.square(output_gradients), [1, 2])
-    if steps * steps * (inputs_size + outputs_size) < steps * inputs_size * outputs_size:
+    if steps is not None and steps * steps * (inputs_size + outputs_size) < steps * inputs_size * outputs_size:
         activation_gram = tf.matmul(activations, activations, transpose_b=True)
         output_gram = tf.matmul(output_gradients, output_gradients, transpose_b=True)
         return tf.reduce_sum(activation_gram * output_gram, [1, 2])
@@ -91,12 +98,19 @@ def _bias_sq_norms(output_gradients: Any) -> Any:
 
 
 def _as_steps(tensor: Any, dtype: Any) -> Any:
-    """``[m, ..., features] -> [m, t, features]`` in the accumulation dtype."""
+    """``[m, ..., features] -> [m, t, features]`` in the accumulation dtype.
+
+    ``t`` is static when the middle sizes are; a middle size unknown while tracing (a
+    variable-length axis) leaves ``t`` unknown, and the explicit form is used for it.
+    """
     tf = _tf()
-    steps = 1
-    for size in tensor.shape[1:-1]:
-        steps *= size
-    return tf.reshape(tf.cast(tensor, dtype), [-1, steps, tensor.shape[-1]])
+    middle = tensor.shape[1:-1]
+    if all(size is not None for size in middle):
+        steps = 1
+        for size in middle:
+            steps *= size
+        return tf.reshape(tf.cast(tensor, dtype), [-1, steps, tensor.shape[-1]])
+    return tf.reshape(tf.cast(tensor, dtype), [tf.shape(tensor)[0], -1, tensor.shape[-1]])
 
 
 # Dense
@@ -310,11 +324,14 @@ def _group_norm_forward(layer: Any, inputs: Any, tape: Any, uses: list[LayerUse]
 def _forward_rule(layer: Any) -> Callable[..., Any] | None:
     """The replacement forward of a layer with a norm rule, or None.
 
-    A rule applies only to the Keras class's own ``call`` (a subclass that overrides it
+    A rule applies only to the Keras class's own ``call`` and, for convolutions,
+    ``convolution_op`` (a subclass that overrides one, or one patched onto the instance,
     computes something else) and not to LoRA or quantised variants.
     """
     keras = sys.modules.get("keras")
     if keras is None or not isinstance(layer, keras.Layer):
+        return None
+    if "call" in vars(layer):
         return None
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
         return None
@@ -330,6 +347,11 @@ def _forward_rule(layer: Any) -> Callable[..., Any] | None:
     for kind, forward in candidates:
         if isinstance(layer, kind) and type(layer).call is kind.call:
             if kind in (layers.Conv1D, layers.Conv2D) and layer.groups != 1:
+                return None
+            # The rule convolves itself; a replaced convolution_op (instance or subclass) would be skipped.
+            if hasattr(kind, "convolution_op") and (
+                "convolution_op" in vars(layer) or type(layer).convolution_op is not kind.convolution_op
+            ):
                 return None
             if kind is layers.LayerNormalization and layer.rms_scaling:
                 return None
@@ -348,7 +370,7 @@ def intercept_layers(layers: list[Any], tape: Any, uses: list[LayerUse]) -> Iter
     replaced = []
     for layer in layers:
         forward = _forward_rule(layer)
-        if forward is None:
+        if forward is None or "call" in vars(layer):  # never shadow, then delete, a call the user set
             continue
 
         def call(inputs: Any, *args: Any, layer: Any = layer, forward: Any = forward, **kwargs: Any) -> Any:

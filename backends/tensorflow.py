@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -72,6 +73,9 @@ _UNSUPPORTED_LAYERS = {
 
 # pfor logs this when one of its conversion rules falls back to a while-loop.
 _WHILE_LOOP_MESSAGE = "uses a while_loop"
+
+# The run-time check that a layer-wise call's axis 0 indexes the examples fails with this text.
+_LEADING_SIZE_PATTERN = re.compile(r"the layer-wise rule of layer \S* got a leading size of \d+ for \d+ examples")
 
 
 def _tf() -> Any:
@@ -143,9 +147,19 @@ def _check_layers(layers: list[Any]) -> None:
 
 
 def _is_patch_conv(layer: Any) -> bool:
-    """A Keras Conv2D whose kernel gradient the patches identity gives exactly."""
+    """A Keras Conv2D whose kernel gradient the patches identity gives exactly.
+
+    A ``convolution_op`` replaced on the instance or a subclass may compute something other
+    than the convolution the identity assumes; such a layer keeps pfor's own rule.
+    """
     keras = sys.modules["keras"]
-    return isinstance(layer, keras.layers.Conv2D) and getattr(layer, "groups", 1) == 1
+    conv2d = keras.layers.Conv2D
+    return (
+        isinstance(layer, conv2d)
+        and getattr(layer, "groups", 1) == 1
+        and "convolution_op" not in vars(layer)
+        and type(layer).convolution_op is conv2d.convolution_op
+    )
 
 
 @contextlib.contextmanager
@@ -157,6 +171,7 @@ def _intercept_convs(layers: list[Any], uses: list[_ConvUse], tape: Any) -> Iter
     output is watched so that the tape gives the gradient with respect to it.
     """
     tf = _tf()
+    user_set = {id(layer): vars(layer)["convolution_op"] for layer in layers if "convolution_op" in vars(layer)}
     for layer in layers:
         original = layer.convolution_op
 
@@ -172,7 +187,10 @@ def _intercept_convs(layers: list[Any], uses: list[_ConvUse], tape: Any) -> Iter
         yield
     finally:
         for layer in layers:
-            object.__delattr__(layer, "convolution_op")
+            if id(layer) in user_set:  # put back an attribute the user set on the instance, never delete it
+                object.__setattr__(layer, "convolution_op", user_set[id(layer)])
+            else:
+                object.__delattr__(layer, "convolution_op")
 
 
 def _conv_kernel_gradients(layer: Any, inputs: Any, output_gradients: Any, dtype: Any) -> Any:
@@ -317,12 +335,12 @@ class StatsFunction:
         inputs, targets = self._prepare(inputs, targets)
         if max_examples_per_pass is None:
             function, _ = self._function(inputs, targets, compute_stats=compute_stats)
-            return function(inputs, targets)
+            return self._run(function, inputs, targets)
         count = _known_batch_size(inputs, targets, max_examples_per_pass)
         function, _ = self._function(inputs, targets, compute_stats=compute_stats)
         total = None
         for start in range(0, max(count, 1), max_examples_per_pass):
-            sums = function(*_slice((inputs, targets), start, start + max_examples_per_pass))
+            sums = self._run(function, *_slice((inputs, targets), start, start + max_examples_per_pass))
             total = sums if total is None else add_batch_sums(total, sums)
         return total
 
@@ -351,6 +369,22 @@ class StatsFunction:
         per_replica = strategy.run(replica_sums, args=(inputs, targets))
         total = tf.distribute.ReduceOp.SUM
         return tf.nest.map_structure(lambda value: strategy.reduce(total, value, axis=None), per_replica)
+
+    def _run(self, function: Any, inputs: Any, targets: Any) -> BatchSums:
+        """Call the compiled function; a failed leading-size check becomes a ValueError that says what to do."""
+        tf = _tf()
+        try:
+            return function(inputs, targets)
+        except tf.errors.InvalidArgumentError as error:
+            found = _LEADING_SIZE_PATTERN.search(error.message)
+            if found is None:
+                raise
+            raise ValueError(
+                f"`method` must be 'vmap' for this model, got method={self.method!r}: {found.group(0)}, but the "
+                f"rule assumes that axis 0 of the layer's input indexes the examples (the model reshapes the batch, "
+                f"e.g. tf.reshape(x, [2 * b, f]), or runs the layer time-major). Use method='vmap', or call the "
+                f"layer on a batch-first tensor."
+            ) from error
 
     def finish(self, sums: BatchSums) -> tuple[GradStats, list[Any]]:
         """Form :class:`cabs.GradStats` and the mean gradients from (combined) sums."""
@@ -495,11 +529,14 @@ class StatsFunction:
             alias_count[id(variable)] = alias_count.get(id(variable), 0) + 1
             if gradient is not None:
                 sums[id(variable)] = sums.get(id(variable), 0) + tf.cast(tf.convert_to_tensor(gradient), dtype)
+        # A call whose leading size is static while the traced batch size is not (time-major, a fixed
+        # reshape) cannot have the examples on axis 0: its variables take the exact path.
+        off_batch = {id(variable) for use in uses if _static_leading_size(use) for variable, _ in use.aliases.values()}
         # Layer-wise: read only through one recorded layer call (or not at all, which contributes zero).
         layerwise = {
             id(variable)
             for variable, other in zip(variables, other_uses, strict=True)
-            if other is None and alias_count.get(id(variable), 0) <= 1
+            if other is None and alias_count.get(id(variable), 0) <= 1 and id(variable) not in off_batch
         }
         exact = [variable for variable in variables if id(variable) not in layerwise]
         self._plans[key] = {
@@ -516,19 +553,23 @@ class StatsFunction:
             total = sums.get(id(variable), tf.zeros(variable.shape, dtype))
             grad_sums.append(total if other is None else total + tf.cast(tf.convert_to_tensor(other), dtype))
         norm_terms = [tf.zeros([], dtype)]
+        leading_size_checks = []
         for use in uses:
             if not any(id(variable) in layerwise for variable, _ in use.aliases.values()):
                 continue
+            leading_size_checks.append(_leading_size_check(use, tf.shape(losses)[0]))
             norms = sq_norms(use, output_gradients[id(use)], dtype)
             norm_terms += [
                 tf.reduce_sum(norms[role]) for role, (variable, _) in use.aliases.items() if id(variable) in layerwise
             ]
         if exact:
             norm_terms.append(self._vmap_sums(inputs, targets, variables, exact, dtype).sq_norm_sum)
+        with tf.control_dependencies(leading_size_checks):
+            sq_norm_sum = tf.identity(tf.add_n(norm_terms))
         return BatchSums(
             count=tf.cast(tf.shape(losses)[0], dtype),
             loss_sum=tf.reduce_sum(tf.cast(losses, dtype)),
-            sq_norm_sum=tf.add_n(norm_terms),
+            sq_norm_sum=sq_norm_sum,
             grad_sums=grad_sums,
         )
 
@@ -581,6 +622,27 @@ class StatsFunction:
                 f"reduce only over the non-batch axes."
             )
         return losses
+
+
+def _static_leading_size(use: LayerUse) -> bool:
+    """Whether the call's leading size is known while tracing (the traced batch size never is)."""
+    shape = use.outputs.shape
+    return shape.rank == 0 or shape[0] is not None
+
+
+def _leading_size_check(use: LayerUse, count: Any) -> Any:
+    """An op that fails at run time when the call's leading size is not the number of examples.
+
+    A reshape such as ``tf.reshape(x, [2 * b, f])`` leaves the leading size unknown while
+    tracing, like the batch's, so only the run can tell; the rule would silently be wrong.
+    """
+    tf = _tf()
+    leading = tf.shape(use.outputs)[0]
+    layer_name = re.sub(r"[^\w./-]", "_", use.layer.name)  # no braces or spaces in the formatted message
+    message = tf.strings.format(
+        f"the layer-wise rule of layer {layer_name} got a leading size of {{}} for {{}} examples", (leading, count)
+    )
+    return tf.debugging.Assert(tf.equal(leading, count), [message])
 
 
 def _dense_gradients(gradients: list[Any], sources: list[Any], dtype: Any) -> list[Any]:

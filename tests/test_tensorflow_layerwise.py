@@ -287,3 +287,153 @@ def test_gram_and_explicit_forms_equal_the_outer_product_norm(steps, inputs_size
     expected = [np.sum((a.T @ d) ** 2) for a, d in zip(activations, output_gradients, strict=True)]
     norms = layerwise._outer_product_sq_norms(tf.constant(activations), tf.constant(output_gradients))
     np.testing.assert_allclose(np.asarray(norms), expected, rtol=1e-12)
+
+
+# Layers whose axis 0 is not the example axis, and layers the user patched: the rules must not be trusted.
+
+
+class ReshapedBatch(keras.layers.Layer):
+    """Calls a Dense on the batch reshaped to two rows per example: [b, 6] -> [2b, 3] -> [b, 8]."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = keras.layers.Dense(4, name="reshaped_dense")
+
+    def call(self, inputs):
+        count = tf.shape(inputs)[0]
+        return tf.reshape(tf.tanh(self.inner(tf.reshape(inputs, [count * 2, 3]))), [count, 8])
+
+
+class TimeMajor(keras.layers.Layer):
+    """Calls a Dense on the batch transposed to [time 2, b, 3]."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = keras.layers.Dense(4, name="time_major_dense")
+
+    def call(self, inputs):
+        hidden = tf.tanh(self.inner(tf.transpose(inputs, [1, 0, 2])))
+        return tf.reshape(tf.transpose(hidden, [1, 0, 2]), [-1, 8])
+
+
+class UnknownSteps(keras.layers.Layer):
+    """Makes the time axis unknown while tracing, as a variable-length sequence would be."""
+
+    def call(self, inputs):
+        return tf.reshape(inputs, [tf.shape(inputs)[0], -1, 3])
+
+
+def layout_problem(kind: str, batch: int = BATCH):
+    keras.utils.set_random_seed(11)
+    with float64_layers():
+        if kind == "reshaped_batch":
+            model = keras.Sequential([keras.Input((6,)), ReshapedBatch(), keras.layers.Dense(3, name="head")])
+            inputs = np.random.default_rng(8).normal(size=(batch, 6))
+        elif kind == "time_major":
+            model = keras.Sequential([keras.Input((2, 3)), TimeMajor(), keras.layers.Dense(3, name="head")])
+            inputs = np.random.default_rng(9).normal(size=(batch, 2, 3))
+        else:
+            model = keras.Sequential(
+                [
+                    keras.Input((4, 3)),
+                    UnknownSteps(),
+                    keras.layers.Dense(5, activation="tanh"),
+                    keras.layers.GlobalAveragePooling1D(),
+                    keras.layers.Dense(3),
+                ]
+            )
+            inputs = np.random.default_rng(12).normal(size=(batch, 4, 3))
+    targets = np.random.default_rng(21).integers(0, 3, size=batch).astype(np.int32)
+    return model, cross_entropy(), inputs, targets
+
+
+def routes(plan, layer):
+    """The paths ("layerwise" / "vmap") the plan gives the layer's variables."""
+    assert layer.trainable_variables
+    return {plan[variable.path] for variable in layer.trainable_variables}
+
+
+def test_a_layer_on_a_reshaped_batch_is_a_clear_error_not_a_wrong_number():
+    model, loss_fn, inputs, targets = layout_problem("reshaped_batch")
+    with pytest.raises(
+        ValueError, match=r"`method` must be 'vmap'.*layer reshaped_dense got a leading size of 12 for 6 examples"
+    ):
+        cabs_tf.grad_stats(model, loss_fn, inputs, targets)
+    with pytest.raises(ValueError, match="leading size of 4 for 2 examples"):
+        cabs_tf.grad_stats(model, loss_fn, inputs, targets, max_examples_per_pass=2)
+    stats, gradients = cabs_tf.grad_stats(model, loss_fn, inputs, targets, method="vmap")
+    assert_matches_oracle(stats, gradients, model, loss_fn, inputs, targets, LAYERWISE_RTOL)
+
+
+@pytest.mark.parametrize("batch", [BATCH, 2])  # 2: as many examples as time steps, so the sizes agree
+def test_a_time_major_layer_takes_the_exact_path(batch):
+    model, loss_fn, inputs, targets = layout_problem("time_major", batch)
+    function = cabs_tf.stats_function(model, loss_fn)
+    stats, gradients = function(inputs, targets)
+    assert_matches_oracle(stats, gradients, model, loss_fn, inputs, targets, LAYERWISE_RTOL)
+    plan = function.plan(inputs, targets)
+    assert routes(plan, model.layers[0].inner) == {"vmap"}
+    assert routes(plan, model.layers[-1]) == {"layerwise"}
+
+
+def test_a_time_major_layer_does_not_retrace_for_new_batch_sizes():
+    model, loss_fn, inputs, targets = layout_problem("time_major")
+    function = cabs_tf.stats_function(model, loss_fn)
+    counts = []
+    for size in (1, 2, 5, 6):
+        stats, gradients = function(inputs[:size], targets[:size])
+        assert_matches_oracle(stats, gradients, model, loss_fn, inputs[:size], targets[:size], LAYERWISE_RTOL)
+        counts.append(function.trace_count)
+    assert counts == [counts[0]] * len(counts) and counts[0] >= 1
+
+
+def test_a_time_axis_unknown_while_tracing_stays_layerwise_and_exact():
+    model, loss_fn, inputs, targets = layout_problem("unknown_steps")
+    function = cabs_tf.stats_function(model, loss_fn)
+    stats, gradients = function(inputs, targets)
+    assert_matches_oracle(stats, gradients, model, loss_fn, inputs, targets, LAYERWISE_RTOL)
+    assert set(function.plan(inputs, targets).values()) == {"layerwise"}
+
+
+def test_a_call_patched_on_the_instance_takes_the_exact_path_and_survives():
+    keras.utils.set_random_seed(12)
+    with float64_layers():
+        patched = keras.layers.Dense(4, name="patched")
+        model = keras.Sequential([keras.Input((5,)), patched, keras.layers.Dense(3, name="head")])
+    original_call = patched.call
+
+    def doubled_call(inputs, *args, **kwargs):  # not the Dense identity: the rule would miss the square
+        return tf.square(original_call(inputs, *args, **kwargs))
+
+    patched.call = doubled_call
+    loss_fn = cross_entropy()
+    inputs = np.random.default_rng(13).normal(size=(BATCH, 5))
+    targets = np.random.default_rng(22).integers(0, 3, size=BATCH).astype(np.int32)
+    function = cabs_tf.stats_function(model, loss_fn)
+    stats, gradients = function(inputs, targets)
+    assert_matches_oracle(stats, gradients, model, loss_fn, inputs, targets, LAYERWISE_RTOL)
+    plan = function.plan(inputs, targets)
+    assert routes(plan, patched) == {"vmap"}
+    assert routes(plan, model.layers[-1]) == {"layerwise"}
+    assert vars(patched)["call"] is doubled_call
+
+
+def test_a_patched_convolution_op_is_never_replaced_by_the_rules():
+    keras.utils.set_random_seed(14)
+    with float64_layers():
+        conv = keras.layers.Conv2D(2, 3, name="patched_conv")
+        model = keras.Sequential([keras.Input((5, 5, 1)), conv, keras.layers.Flatten(), keras.layers.Dense(3)])
+    original_op = conv.convolution_op
+
+    def scaled_op(inputs, kernel):
+        return 2.0 * original_op(inputs, kernel)
+
+    conv.convolution_op = scaled_op
+    loss_fn = cross_entropy()
+    inputs = np.random.default_rng(15).normal(size=(BATCH, 5, 5, 1))
+    targets = np.random.default_rng(23).integers(0, 3, size=BATCH).astype(np.int32)
+    # Neither the layer-wise rule nor the patches identity may stand in for the user's op; pfor's own
+    # filter-gradient rule loops, which the adapter reports instead of looping.
+    with pytest.raises(ValueError, match="per-example loop"):
+        cabs_tf.grad_stats(model, loss_fn, inputs, targets)
+    assert vars(conv)["convolution_op"] is scaled_op
