@@ -56,7 +56,8 @@ _FILE_MODE = 0o666 & ~_UMASK
 # examples, weights or batch sizes the steps see. Every other setting (also one added
 # later) must match, so a new option is refused on resume until it is listed here.
 RESUMABLE_SETTINGS = frozenset(
-    {"steps", "epochs", "out", "eval_every", "threads", "data_dir", "checkpoint_every", "resume"}
+    # memory_budget only splits a batch into passes whose sums add: the run is the same.
+    {"steps", "epochs", "out", "eval_every", "threads", "data_dir", "checkpoint_every", "resume", "memory_budget"}
 )
 
 
