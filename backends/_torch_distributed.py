@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cabs._agreement import check_agreement
 from cabs._stats import GradStats
 
 __all__ = ["StatsAccumulator", "agree_batch_size", "is_data_parallel", "reduced_grad_stats"]
@@ -208,12 +209,11 @@ def agree_batch_size(batch_size: int, *, process_group: Any = None) -> int:
     )
     gathered = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(process_group))]
     dist.all_gather(gathered, torch.tensor([own], dtype=torch.int64, device=device), group=process_group)
-    values = [int(value.item()) for value in gathered]
-    if any(value != values[0] for value in values):
-        differing = ", ".join(f"rank {rank} has {value}" for rank, value in enumerate(values) if value != values[0])
-        raise RuntimeError(
-            f"the workers disagree on the batch size: rank 0 has {values[0]}, {differing} "
-            f"(this is rank {dist.get_rank(process_group)}, with {own}). Feed every controller the statistics "
-            f"returned by the distributed grad_stats, and start or restore every controller from the same state."
-        )
-    return own
+    return check_agreement(
+        [int(value.item()) for value in gathered],
+        own,
+        unit="rank",
+        this=f"this is rank {dist.get_rank(process_group)}, with {own}",
+        remedy="Feed every controller the statistics returned by the distributed grad_stats, and start or "
+        "restore every controller from the same state.",
+    )

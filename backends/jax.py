@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cabs._agreement import check_agreement
 from cabs._stats import GradStats
 
 __all__ = [
@@ -482,17 +483,15 @@ def agree_batch_size(batch_size: int, *, gather: Callable[[np.ndarray], Any] | N
         from jax.experimental import multihost_utils  # only a multi-process check needs it
 
         gather = multihost_utils.process_allgather
-    values = [int(value) for value in np.asarray(gather(np.asarray([own], dtype=np.int32))).reshape(-1)]
-    if any(value != values[0] for value in values):
-        differing = ", ".join(
-            f"process {index} has {value}" for index, value in enumerate(values) if value != values[0]
-        )
-        raise RuntimeError(
-            f"the JAX processes disagree on the batch size: process 0 has {values[0]}, {differing} "
-            f"(this is process {jax.process_index()}, with {own}). Feed every controller the statistics of the "
-            f"sharded StatsFunction, and start or restore every controller from the same state."
-        )
-    return own
+    values = np.asarray(gather(np.asarray([own], dtype=np.int32))).reshape(-1)
+    return check_agreement(
+        values,
+        own,
+        unit="process",
+        this=f"this is JAX process {jax.process_index()}, with {own}",
+        remedy="Feed every controller the statistics of the sharded StatsFunction, and start or restore "
+        "every controller from the same state.",
+    )
 
 
 def _check_mesh(mesh: Any, data_axis: Any) -> None:

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from cabs._agreement import check_agreement
 from cabs._stats import GradStats
 from cabs.backends._tensorflow_layerwise import LAYERWISE, METHODS, VMAP, LayerUse, intercept_layers, sq_norms
 from cabs.data import shard_bounds
@@ -753,17 +754,15 @@ def agree_batch_size(
             per_replica = strategy.run(lambda: tf.constant(value))
             return strategy.gather(per_replica, axis=0).numpy()
 
-    values = [int(value) for value in np.asarray(gather(np.asarray([own], dtype=np.int64))).reshape(-1)]
-    if any(value != values[0] for value in values):
-        differing = ", ".join(
-            f"replica {index} has {value}" for index, value in enumerate(values) if value != values[0]
-        )
-        raise RuntimeError(
-            f"the workers disagree on the batch size: replica 0 has {values[0]}, {differing} (this worker has "
-            f"{own}). Feed every controller the statistics of distributed_batch_sums, and start or restore every "
-            f"controller from the same state."
-        )
-    return own
+    values = np.asarray(gather(np.asarray([own], dtype=np.int64))).reshape(-1)
+    return check_agreement(
+        values,
+        own,
+        unit="replica",
+        this=f"this worker has {own}",
+        remedy="Feed every controller the statistics of distributed_batch_sums, and start or restore every "
+        "controller from the same state.",
+    )
 
 
 _cache: weakref.WeakKeyDictionary[Any, dict[Any, StatsFunction]] = weakref.WeakKeyDictionary()
